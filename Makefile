@@ -1,0 +1,45 @@
+# `make demo` and `make test` each do the whole set-up, then run. Both are idempotent:
+# the virtual environment is rebuilt only when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.winnow-installed
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test setup data bench lint clean
+
+demo: setup data
+	$(VENV)/bin/winnow demo
+
+test: setup data
+	$(PY) -m pytest
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned to the local CPU wheel: an unpinned torch pulls GBs of CUDA packages.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[plots,data,dev]"
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's package; without apt the tests that need it skip with a reason.
+data:
+	@if [ -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+		echo "winnow: could not install dataset-fashion-mnist with apt; tests that need Fashion-MNIST will skip"; \
+	else \
+		echo "winnow: Fashion-MNIST not found in $(FASHION_DIR); install it with 'sudo apt-get install dataset-fashion-mnist' (tests that need it will skip)"; \
+	fi
+
+bench: setup data
+	$(PY) bench/mask_overhead.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,121 @@
+"""Keeping pruned weights at exactly zero while a model trains.
+
+Design (DESIGN.md, "Enforcement"): instead of multiplying each weight by its mask in every
+forward pass (the forward-hook design of ``torch.nn.utils.prune``), pruned entries are
+
+1. zeroed once, together with the optimizer's per-parameter state (momentum, Adam moments);
+2. masked in the gradient, right after it is accumulated (a post-accumulate-grad hook), so
+   ``param.grad`` is exactly zero on pruned entries and no optimizer state can build up there;
+3. zeroed again after every optimizer step (an optimizer step hook), a safety net that keeps
+   them exactly 0.0 for any optimizer, however it treats zero gradients.
+
+The forward pass is untouched, the model's ``state_dict`` keeps its standard keys (a trained
+sparse model loads into a fresh instance of its class), and ``copy.deepcopy`` works.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from winnow.masks import Masks
+
+
+class _MaskGradient:
+    """Post-accumulate-grad hook: ``param.grad *= mask`` (a small object, so deepcopy works)."""
+
+    def __init__(self, keep: Tensor):
+        self.keep = keep
+
+    def __call__(self, param: Tensor) -> None:
+        if param.grad is not None:
+            param.grad.mul_(self.keep)
+
+
+class MaskEnforcer:
+    """Keeps the pruned weights of ``model`` at exactly zero during training.
+
+    Use :func:`enforce` to create one. With an optimizer attached, nothing else is needed: the
+    weights are re-zeroed after each ``optimizer.step()``. Without one (a custom update rule),
+    call :meth:`zero_pruned` after each update. :meth:`remove` (or leaving a ``with`` block)
+    detaches every hook; the weights stay as they are.
+    """
+
+    def __init__(self, model: nn.Module, masks: Masks):
+        params = masks.check_model(model)
+        self.masks = masks
+        self._params: list[Tensor] = []
+        self._keep: list[Tensor] = []
+        self._handles: list = []
+        for name, param in params.items():
+            keep = masks[name].to(device=param.device, dtype=param.dtype)
+            self._params.append(param)
+            self._keep.append(keep)
+            self._handles.append(param.register_post_accumulate_grad_hook(_MaskGradient(keep)))
+        self.zero_pruned()
+        for param, keep in zip(self._params, self._keep, strict=True):
+            if param.grad is not None:
+                param.grad.mul_(keep)
+
+    @torch.no_grad()
+    def zero_pruned(self) -> None:
+        """Set every pruned weight to exactly 0.0 (one fused multiply per tensor)."""
+        torch._foreach_mul_(self._params, self._keep)
+
+    @torch.no_grad()
+    def attach(self, optimizer: torch.optim.Optimizer) -> MaskEnforcer:
+        """Re-zero pruned weights after every step of ``optimizer``; clear their state now.
+
+        Per-parameter optimizer state with the parameter's shape (momentum buffers, Adam's
+        moments) is zeroed on pruned entries, so nothing accumulated before pruning can move
+        them again.
+        """
+        by_id = {id(p): keep for p, keep in zip(self._params, self._keep, strict=True)}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                keep = by_id.get(id(param))
+                if keep is None:
+                    continue
+                for value in optimizer.state.get(param, {}).values():
+                    if isinstance(value, Tensor) and value.shape == param.shape:
+                        value.mul_(keep.to(value.dtype))
+        self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        return self
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.zero_pruned()
+
+    def remove(self) -> None:
+        """Detach every hook this enforcer registered."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> MaskEnforcer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def enforce(
+    model: nn.Module, masks: Masks, optimizer: torch.optim.Optimizer | None = None
+) -> MaskEnforcer:
+    """Zero the pruned weights of ``model`` and keep them at exactly 0.0 while it trains.
+
+    ``masks`` holds ``True`` for kept weights. Returns a :class:`MaskEnforcer`; pass the
+    ``optimizer`` (or call ``enforcer.attach(optimizer)`` later) so pruned weights are re-zeroed
+    after every step, for SGD with momentum and weight decay, Adam, AdamW or any other rule.
+
+    Example::
+
+        enforcer = winnow.enforce(model, masks, optimizer)
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()   # pruned gradients are already zero here
+            optimizer.step()                  # pruned weights are zero again after this
+    """
+    enforcer = MaskEnforcer(model, masks)
+    if optimizer is not None:
+        enforcer.attach(optimizer)
+    return enforcer

@@ -1,0 +1,413 @@
+"""Masks: which weights of a model are kept, as plain data.
+
+A :class:`Masks` maps fully qualified parameter names (the names of ``named_parameters`` and
+``state_dict``) to boolean tensors of the same shapes: ``True`` keeps a weight, ``False`` prunes
+it. Masks move between the steps of a pruning pipeline (criterion -> selection -> masks ->
+enforcement -> export); they can be saved, compared, combined and applied.
+
+Conventions (see DESIGN.md): *density* is the fraction kept, *sparsity* the fraction removed.
+The prunable parameters by default are the ``weight`` of Linear, Conv1d/2d/3d and Embedding
+layers, never biases or normalisation parameters.
+
+Enforcement during training lives in :mod:`winnow.enforcement`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Embedding,
+)
+"""Module types whose ``weight`` is prunable by default."""
+
+FILE_FORMAT = "winnow.masks"
+FILE_VERSION = 1
+
+
+class MaskFileError(ValueError):
+    """A mask file is truncated, corrupted, or not a winnow mask file."""
+
+
+def tied_parameter_names(model: nn.Module) -> dict[str, str]:
+    """Map every alias of a shared (tied) parameter to its canonical name.
+
+    The canonical name is the one ``model.named_parameters()`` reports (the first registration);
+    aliases are the other names under which the same tensor appears in ``state_dict``.
+    """
+    canonical: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = canonical.setdefault(id(param), name)
+        if first != name:
+            aliases[name] = first
+    return aliases
+
+
+def prunable_parameters(
+    model: nn.Module, names: Iterable[str] | None = None
+) -> dict[str, nn.Parameter]:
+    """The parameters a mask covers, by fully qualified name, in model order.
+
+    Without ``names``: the ``weight`` of every Linear, Conv1d/2d/3d and Embedding module. A
+    weight shared by several modules (tied weights) appears once, under its canonical name.
+    With ``names``: exactly those parameters; an unknown name, or the alias of a tied weight,
+    raises ``ValueError`` naming it.
+    """
+    params = dict(model.named_parameters())
+    if names is not None:
+        aliases = tied_parameter_names(model)
+        chosen: dict[str, nn.Parameter] = {}
+        for name in names:
+            if name in aliases:
+                raise ValueError(
+                    f"parameter {name!r} is tied to {aliases[name]!r} (the same tensor); "
+                    f"name it once, as {aliases[name]!r}"
+                )
+            if name not in params:
+                raise ValueError(f"model has no parameter named {name!r}")
+            chosen[name] = params[name]
+        if not chosen:
+            raise ValueError("no parameter names given")
+        return chosen
+    by_id = {id(p): n for n, p in params.items()}
+    chosen = {}
+    for module in model.modules():
+        if isinstance(module, PRUNABLE_TYPES) and isinstance(module.weight, nn.Parameter):
+            name = by_id[id(module.weight)]
+            chosen.setdefault(name, module.weight)
+    if not chosen:
+        raise ValueError(
+            f"{type(model).__name__} has no prunable layer (Linear, Conv1d/2d/3d or Embedding); "
+            "pass the parameter names to prune explicitly"
+        )
+    order = list(params)
+    return dict(sorted(chosen.items(), key=lambda item: order.index(item[0])))
+
+
+class Masks(Mapping[str, Tensor]):
+    """Boolean keep-masks by parameter name (``True`` = kept).
+
+    Immutable in spirit: operations return new ``Masks``. Build one with
+    :meth:`Masks.ones` (everything kept) or from a mapping of boolean tensors.
+    """
+
+    def __init__(self, masks: Mapping[str, Tensor]):
+        checked: dict[str, Tensor] = {}
+        for name, mask in masks.items():
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"mask {name!r} is a {type(mask).__name__}, not a tensor")
+            if mask.dtype != torch.bool:
+                raise TypeError(f"mask {name!r} has dtype {mask.dtype}; masks are torch.bool")
+            checked[name] = mask.detach()
+        self._masks = checked
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def ones(cls, model: nn.Module, names: Iterable[str] | None = None) -> Masks:
+        """Masks that keep every prunable weight of ``model`` (see :func:`prunable_parameters`)."""
+        params = prunable_parameters(model, names)
+        return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+
+    @classmethod
+    def from_model_zeros(cls, model: nn.Module, names: Iterable[str] | None = None) -> Masks:
+        """Masks that keep exactly the non-zero prunable weights of ``model``."""
+        params = prunable_parameters(model, names)
+        return cls({n: p.detach() != 0 for n, p in params.items()})
+
+    # -- mapping -----------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Tensor:
+        return self._masks[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __repr__(self) -> str:
+        return f"Masks({len(self)} tensors, density={self.density():.4g})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Masks):
+            return NotImplemented
+        return list(self) == list(other) and all(
+            self[n].shape == other[n].shape and torch.equal(self[n].cpu(), other[n].cpu())
+            for n in self
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- statistics --------------------------------------------------------------------------
+    def numel(self) -> int:
+        """Total number of maskable weights."""
+        return sum(m.numel() for m in self._masks.values())
+
+    def num_kept(self) -> int:
+        """Number of kept weights (``True`` entries)."""
+        return int(sum(int(m.sum()) for m in self._masks.values()))
+
+    def density(self) -> float:
+        """Global density: kept weights / all maskable weights, in [0, 1]."""
+        total = self.numel()
+        return self.num_kept() / total if total else 1.0
+
+    def sparsity(self) -> float:
+        """Global sparsity: 1 - density."""
+        return 1.0 - self.density()
+
+    def layer_density(self) -> dict[str, float]:
+        """Density of each tensor: kept / numel, in [0, 1]."""
+        return {n: (float(m.sum()) / m.numel() if m.numel() else 1.0) for n, m in self.items()}
+
+    def collapsed_layers(self) -> list[str]:
+        """Names of the tensors with no kept weight (layer collapse: the network is cut)."""
+        return [n for n, m in self.items() if m.numel() and not bool(m.any())]
+
+    def summary(self) -> str:
+        """A readable per-layer table: shape, kept / total and density."""
+        rows = [("parameter", "shape", "kept", "total", "density")]
+        for name, mask in self.items():
+            kept = int(mask.sum())
+            rows.append(
+                (
+                    name,
+                    "x".join(map(str, mask.shape)),
+                    f"{kept:,}",
+                    f"{mask.numel():,}",
+                    f"{kept / max(mask.numel(), 1):.2%}",
+                )
+            )
+        rows.append(
+            ("total", "", f"{self.num_kept():,}", f"{self.numel():,}", f"{self.density():.2%}")
+        )
+        widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = []
+        for i, row in enumerate(rows):
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+            cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:], strict=True)]
+            lines.append("  ".join(cells).rstrip())
+            if i == 0 or i == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    # -- comparison and algebra --------------------------------------------------------------
+    def _check_compatible(self, other: Masks) -> None:
+        if list(self) != list(other):
+            raise ValueError(
+                f"masks cover different parameters: {sorted(set(self) ^ set(other))[:5]}"
+            )
+        for n in self:
+            if self[n].shape != other[n].shape:
+                raise ValueError(
+                    f"mask {n!r} has shape {tuple(self[n].shape)} here and "
+                    f"{tuple(other[n].shape)} in the other"
+                )
+
+    def _combine(self, other: Masks, op) -> Masks:
+        self._check_compatible(other)
+        return Masks({n: op(self[n], other[n].to(self[n].device)) for n in self})
+
+    def __and__(self, other: Masks) -> Masks:
+        return self._combine(other, torch.logical_and)
+
+    def __or__(self, other: Masks) -> Masks:
+        return self._combine(other, torch.logical_or)
+
+    def __invert__(self) -> Masks:
+        return Masks({n: ~m for n, m in self.items()})
+
+    def intersection(self, other: Masks) -> Masks:
+        """Weights kept by both."""
+        return self & other
+
+    def union(self, other: Masks) -> Masks:
+        """Weights kept by either."""
+        return self | other
+
+    def hamming(self, other: Masks) -> int:
+        """Number of entries on which the two masks disagree."""
+        self._check_compatible(other)
+        return int(sum(int((self[n] ^ other[n].to(self[n].device)).sum()) for n in self))
+
+    def overlap(self, other: Masks) -> float:
+        """Jaccard overlap of the kept sets, |A ∩ B| / |A ∪ B| in [0, 1] (1 if both empty)."""
+        union = (self | other).num_kept()
+        return (self & other).num_kept() / union if union else 1.0
+
+    def layer_overlap(self, other: Masks) -> dict[str, float]:
+        """Per-tensor Jaccard overlap of the kept sets."""
+        both, either = self & other, self | other
+        return {
+            n: (float(both[n].sum()) / float(either[n].sum()) if bool(either[n].any()) else 1.0)
+            for n in self
+        }
+
+    # -- model interaction -------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The model's parameters for these masks; ``ValueError`` on a missing name or shape."""
+        params = dict(model.named_parameters())
+        aliases = tied_parameter_names(model)
+        out = {}
+        for name, mask in self.items():
+            if name in aliases:
+                raise ValueError(
+                    f"mask {name!r} names a tied parameter; "
+                    f"use its canonical name {aliases[name]!r}"
+                )
+            if name not in params:
+                raise ValueError(f"mask {name!r} matches no parameter of {type(model).__name__}")
+            if params[name].shape != mask.shape:
+                raise ValueError(
+                    f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has "
+                    f"{tuple(params[name].shape)}"
+                )
+            out[name] = params[name]
+        return out
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Zero the pruned weights of ``model`` in place and return it.
+
+        This zeroes once; to keep them at zero while training use :func:`winnow.enforce`.
+        """
+        for name, param in self.check_model(model).items():
+            param.masked_fill_(~self[name].to(param.device), 0)
+        return model
+
+    def to(self, device: torch.device | str) -> Masks:
+        """A copy with every mask on ``device``."""
+        return Masks({n: m.to(device) for n, m in self.items()})
+
+    def cpu(self) -> Masks:
+        return self.to("cpu")
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the masks to ``path`` (safetensors; bits packed 8 per byte; JSON metadata).
+
+        The metadata records each mask's shape and a SHA-256 checksum of the packed bits. The
+        file is written to a temporary name and renamed, so a crash never leaves half a file.
+        """
+        from safetensors.numpy import save
+
+        arrays, entries = {}, {}
+        for name, mask in self.items():
+            packed = np.packbits(mask.cpu().numpy().reshape(-1))
+            arrays[name] = packed
+            entries[name] = {
+                "shape": list(mask.shape),
+                "sha256": hashlib.sha256(packed.tobytes()).hexdigest(),
+            }
+        header = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "order": list(self),
+            "masks": entries,
+        }
+        data = save(arrays, metadata={"winnow": json.dumps(header)})
+        atomic_write_bytes(Path(path), data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> Masks:
+        """Read masks written by :meth:`save`; never unpickles.
+
+        Raises :class:`MaskFileError` (a ``ValueError``) naming the problem for a truncated or
+        corrupted file, a checksum mismatch, or a file that is not a winnow mask file.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no mask file at {path}")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                metadata = f.metadata() or {}
+                arrays = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise MaskFileError(f"{path}: not a readable safetensors file ({err})") from None
+        order, entries = _parse_header(metadata, path)
+        if set(order) != set(arrays):
+            raise MaskFileError(f"{path}: the tensors do not match the metadata")
+        masks = {}
+        for name in order:
+            packed, (shape, checksum) = arrays[name], entries[name]
+            if hashlib.sha256(packed.tobytes()).hexdigest() != checksum:
+                raise MaskFileError(f"{path}: checksum mismatch for mask {name!r} (corrupted)")
+            count = math.prod(shape)
+            if packed.dtype != np.uint8 or packed.size != (count + 7) // 8:
+                raise MaskFileError(f"{path}: mask {name!r} does not hold {shape} bits")
+            bits = np.unpackbits(packed, count=count).astype(bool).reshape(shape)
+            masks[name] = torch.from_numpy(bits).to(device)
+        return cls(masks)
+
+
+def _parse_header(
+    metadata: Mapping[str, str], path: Path
+) -> tuple[list[str], dict[str, tuple[tuple[int, ...], str]]]:
+    """Validate a mask file's JSON metadata: the order of names, each shape and checksum."""
+    invalid = MaskFileError(f"{path}: not a winnow mask file (missing or invalid metadata)")
+    try:
+        header = json.loads(metadata["winnow"])
+    except (KeyError, TypeError, ValueError):
+        raise invalid from None
+    if not isinstance(header, dict) or header.get("format") != FILE_FORMAT:
+        raise invalid
+    version = header.get("version")
+    if not isinstance(version, int):
+        raise invalid
+    if version > FILE_VERSION:
+        raise MaskFileError(
+            f"{path}: mask file version {version} is newer than this winnow supports "
+            f"({FILE_VERSION})"
+        )
+    order, raw = header.get("order"), header.get("masks")
+    if (
+        not isinstance(order, list)
+        or not all(isinstance(n, str) for n in order)
+        or not isinstance(raw, dict)
+        or set(order) != set(raw)
+        or len(set(order)) != len(order)
+    ):
+        raise invalid
+    entries = {}
+    for name in order:
+        entry = raw[name]
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        checksum = entry.get("sha256") if isinstance(entry, dict) else None
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(s, int) and s >= 0 for s in shape)
+            or not isinstance(checksum, str)
+        ):
+            raise MaskFileError(f"{path}: invalid metadata for mask {name!r}")
+        entries[name] = (tuple(shape), checksum)
+    return order, entries
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,285 @@
+"""Train and evaluate a model on tensors held in memory, honouring pruning masks.
+
+One loop serves every method of winnow: it builds the optimizer and learning-rate schedule
+from a :class:`TrainConfig`, keeps pruned weights at zero through :func:`winnow.enforce`,
+evaluates every ``eval_every`` iterations (loss and accuracy on validation and test), records
+the history, saves weights at chosen iterations (for rewinding, Frankle et al. 2020) and is
+deterministic under its seed. Nothing forces a user onto it: masks and enforcement work with
+any loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from winnow.data import Batches, DataSplits
+from winnow.enforcement import enforce
+from winnow.masks import Masks
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "step", "cosine")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: budget, optimizer, learning-rate schedule, evaluation and checkpoints.
+
+    Exactly one of ``iterations`` and ``epochs`` sets the budget. ``milestones`` (iterations)
+    and ``gamma`` define the "step" schedule; ``warmup`` iterations of linear warm-up precede
+    any schedule. ``eval_every`` is in iterations (0: once per epoch). ``save_at`` lists the
+    iterations whose weights are kept in the result (0 = before the first step).
+    """
+
+    iterations: int | None = None
+    epochs: float | None = None
+    batch_size: int = 60
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup: int = 0
+    eval_every: int = 0
+    eval_batch_size: int = 1000
+    save_at: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.iterations is None) == (self.epochs is None):
+            raise ValueError("set exactly one of iterations and epochs")
+        if self.iterations is not None and self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.momentum < 0 or self.warmup < 0 or self.eval_every < 0:
+            raise ValueError("weight_decay, momentum, warmup and eval_every must be >= 0")
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        object.__setattr__(self, "save_at", tuple(sorted({int(s) for s in self.save_at})))
+
+    def total_iterations(self, steps_per_epoch: int) -> int:
+        """The budget in iterations for a given number of batches per epoch."""
+        if self.iterations is not None:
+            return self.iterations
+        return int(math.ceil(self.epochs * steps_per_epoch))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    ``history`` holds one row per evaluation (iteration, train_loss, val_loss, val_acc,
+    test_loss, test_acc); ``checkpoints`` maps an iteration of ``save_at`` to a CPU copy of the
+    model's ``state_dict`` at that point; ``final`` is the last evaluation row;
+    ``early_stop`` is the row with the lowest validation loss (the lottery-ticket paper's
+    early-stopping criterion), or the last row when there is no validation set.
+    """
+
+    history: list[dict] = field(default_factory=list)
+    checkpoints: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    iterations: int = 0
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def early_stop(self) -> dict:
+        rows = [r for r in self.history if r.get("val_loss") is not None]
+        if not rows:
+            return self.final
+        return min(rows, key=lambda r: r["val_loss"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``, in eval mode.
+
+    The model's train/eval mode is restored afterwards. Returns ``(nan, nan)`` for empty data.
+    """
+    if len(x) == 0:
+        return math.nan, math.nan
+    was_training = model.training
+    model.eval()
+    try:
+        total_loss, correct = 0.0, 0
+        device = next(model.parameters()).device
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size].to(device)
+            yb = y[start : start + batch_size].to(device)
+            logits = model(xb)
+            total_loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+        return total_loss / len(x), correct / len(x)
+    finally:
+        model.train(was_training)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``config`` over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(config: TrainConfig, iteration: int, total: int) -> float:
+    """Multiplier of the base learning rate at ``iteration`` (0-based) of ``total``."""
+    factor = 1.0
+    if config.lr_schedule == "step":
+        factor = config.gamma ** sum(iteration >= m for m in config.milestones)
+    elif config.lr_schedule == "cosine" and total > 0:
+        factor = 0.5 * (1 + math.cos(math.pi * min(iteration, total) / total))
+    if config.warmup and iteration < config.warmup:
+        factor *= (iteration + 1) / config.warmup
+    return factor
+
+
+def train(
+    model: nn.Module,
+    data: DataSplits,
+    config: TrainConfig,
+    masks: Masks | None = None,
+    *,
+    start_iteration: int = 0,
+    regularizer: Callable[[nn.Module], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    description: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` and return its :class:`TrainResult`.
+
+    - ``masks``: pruned weights are zeroed and kept at exactly 0.0 throughout (see
+      :func:`winnow.enforce`); the hooks are removed before returning.
+    - ``start_iteration``: resume a schedule at iteration k (rewinding, Frankle et al. 2020):
+      the learning rate and the data order continue from k, with a fresh optimizer; training
+      runs until the config's total iterations.
+    - ``regularizer``: a function of the model whose value is added to the loss
+      (L1, group lasso, ...).
+    - Deterministic: the data order and any randomness inside the model (dropout) follow
+      ``config.seed``; the caller's global RNG is left untouched.
+    """
+    device = torch.device(device)
+    model.to(device)
+    loader = Batches(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=config.seed)
+    total = config.total_iterations(len(loader))
+    if not 0 <= start_iteration <= total:
+        raise ValueError(f"start_iteration {start_iteration} is outside [0, {total}]")
+    eval_every = config.eval_every or len(loader)
+    splits = {
+        "val": (data.x_val.to(device), data.y_val.to(device)),
+        "test": (data.x_test.to(device), data.y_test.to(device)),
+    }
+    result = TrainResult()
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(config, start_iteration + step, total)
+    )
+    enforcer = enforce(model, masks, optimizer) if masks is not None else None
+
+    def record(iteration: int, train_loss: float) -> dict:
+        row = {"iteration": iteration, "train_loss": train_loss}
+        for split, (x, y) in splits.items():
+            loss, acc = evaluate(model, x, y, config.eval_batch_size)
+            row[f"{split}_loss"] = None if math.isnan(loss) else loss
+            row[f"{split}_acc"] = None if math.isnan(acc) else acc
+        result.history.append(row)
+        return row
+
+    def checkpoint(iteration: int) -> None:
+        if iteration in config.save_at:
+            result.checkpoints[iteration] = {
+                k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+            }
+
+    started = time.perf_counter()
+    bar = _progress_bar(total - start_iteration, description, progress)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(config.seed + start_iteration)
+            model.train()
+            checkpoint(start_iteration)
+            running, count = torch.zeros((), device=device), 0
+            for step, xb, yb in loader.steps(total - start_iteration, start=start_iteration):
+                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                running += loss.detach()
+                count += 1
+                if regularizer is not None:
+                    loss = loss + regularizer(model)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                done = step + 1
+                checkpoint(done)
+                if done % eval_every == 0 or done == total:
+                    row = record(done, float(running) / count)
+                    running, count = torch.zeros((), device=device), 0
+                    model.train()
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row["test_acc"]))
+                bar.update(1)
+            if not result.history or result.history[-1]["iteration"] != total:
+                record(total, float(running) / count if count else math.nan)
+    finally:
+        bar.close()
+        if enforcer is not None:
+            enforcer.remove()
+    result.iterations = total - start_iteration
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, disable=not enabled, leave=False, unit="it")
+
+
+def state_at(result: TrainResult, iteration: int) -> dict[str, Tensor]:
+    """The weights saved at ``iteration``; ``KeyError`` naming the saved iterations if absent."""
+    if iteration not in result.checkpoints:
+        raise KeyError(
+            f"no weights saved at iteration {iteration}; saved: {sorted(result.checkpoints)}"
+        )
+    return result.checkpoints[iteration]
+
+
+def parameters_by_name(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
+    """The model's parameters for ``names``, in that order."""
+    params = dict(model.named_parameters())
+    return [params[n] for n in names]
