@@ -86,6 +86,23 @@ def create(
         raise ValueError(f"{name}: {error}") from error
 
 
+def create_for(name: str, data, seed: int | None = 0, **options) -> nn.Module:
+    """Build ``name`` for a dataset: classes, channels and input size from ``data``.
+
+    ``data`` is a :class:`winnow.data.DataSplits` (anything with ``num_classes`` and a
+    per-sample ``input_shape`` of ``(C, H, W)`` or ``(C, L)``).
+    """
+    channels, *size = data.input_shape
+    return create(
+        name,
+        num_classes=data.num_classes,
+        in_channels=channels,
+        input_size=tuple(size),
+        seed=seed,
+        **options,
+    )
+
+
 # --- sizes ------------------------------------------------------------------------------------
 
 

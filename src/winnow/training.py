@@ -267,7 +267,10 @@ def _fmt(value: float | None) -> str:
 def _progress_bar(total: int, description: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, disable=not enabled, leave=False, unit="it")
+    # disable=None: shown only when stderr is a terminal, so logs and CI stay clean
+    return tqdm(
+        total=total, desc=description, disable=None if enabled else True, leave=False, unit="it"
+    )
 
 
 def state_at(result: TrainResult, iteration: int) -> dict[str, Tensor]:

@@ -1,0 +1,192 @@
+"""The ``winnow`` command.
+
+    winnow demo                       the main job (what ``make demo`` runs)
+    winnow train --model lenet300 --data fashion-mnist --epochs 5
+    winnow models | winnow datasets | winnow --version
+
+Errors are reported as one line (``winnow: error: ...``) with exit status 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import winnow
+from winnow import data as datasets
+from winnow import models
+from winnow.masks import Masks, atomic_write_bytes
+from winnow.training import OPTIMIZERS, TrainConfig, TrainResult, train
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float, help="training budget in epochs (default 5)")
+    budget.add_argument("--iterations", type=int, help="training budget in iterations")
+    parser.add_argument("--batch-size", type=int, default=60)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    parser.add_argument("--lr", type=float, default=1.2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds init, data order and split")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="winnow", description="Pruning neural networks in PyTorch."
+    )
+    parser.add_argument("--version", action="version", version=f"winnow {winnow.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the main job: train LeNet-300-100 and print a table")
+    demo.add_argument("--epochs", type=float, default=5)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-progress", action="store_true")
+
+    tr = sub.add_parser("train", help="train a model of the zoo on a dataset")
+    tr.add_argument("--model", required=True, help="a name from `winnow models`")
+    tr.add_argument("--data", required=True, help="a name from `winnow datasets`")
+    tr.add_argument("--root", help="directory of the dataset files")
+    tr.add_argument("--limit", type=int, help="keep only the first N examples of each split")
+    tr.add_argument("--masks", type=Path, help="a mask file (Masks.save) to train sparse")
+    tr.add_argument("--out", type=Path, help="write the trained weights here (safetensors)")
+    _add_training_options(tr)
+
+    sub.add_parser("models", help="list the model zoo")
+    sub.add_parser("datasets", help="list the datasets and whether their files are here")
+    return parser
+
+
+def _results_table(result: TrainResult) -> str:
+    header = f"{'iteration':>9}  {'train loss':>10}  {'val acc':>7}  {'test acc':>8}"
+    lines = [header, "-" * len(header)]
+    for row in result.history:
+        val = "-" if row["val_acc"] is None else f"{row['val_acc']:.2%}"
+        lines.append(
+            f"{row['iteration']:>9}  {row['train_loss']:>10.4f}  {val:>7}  {row['test_acc']:>8.2%}"
+        )
+    best = result.early_stop
+    lines.append(
+        f"early stop (min val loss): iteration {best['iteration']}, "
+        f"test accuracy {best['test_acc']:.2%}"
+    )
+    return "\n".join(lines)
+
+
+def _train(
+    model_name: str,
+    data: datasets.DataSplits,
+    config: TrainConfig,
+    device: str,
+    progress: bool,
+    masks: Masks | None = None,
+) -> tuple[torch.nn.Module, TrainResult]:
+    model = models.create_for(model_name, data, seed=config.seed)
+    print(f"{data.summary()}")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"model {model_name}: {params:,} parameters; {config.optimizer} lr {config.lr}")
+    result = train(
+        model, data, config, masks=masks, device=device, progress=progress, description=model_name
+    )
+    print(_results_table(result))
+    print(f"{result.iterations} iterations in {result.seconds:.1f} s")
+    return model, result
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    try:
+        data = datasets.load("fashion-mnist", seed=args.seed)
+        model_name = "lenet300"
+    except datasets.DatasetNotFoundError as missing:
+        print(f"Fashion-MNIST not found ({missing}); using MNIST-1D instead")
+        data = datasets.load("mnist1d", seed=args.seed)
+        model_name = "mlp1d"
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=60, optimizer="adam", lr=1.2e-3, seed=args.seed
+    )
+    _train(model_name, data, config, "cpu", not args.no_progress)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    data = datasets.load(args.data, root=args.root, seed=args.seed, limit=args.limit)
+    config = TrainConfig(
+        epochs=None if args.iterations is not None else (args.epochs or 5),
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
+    masks = Masks.load(args.masks) if args.masks else None
+    if masks is not None:
+        print(f"training sparse: {masks}")
+    model, _ = _train(args.model, data, config, args.device, not args.no_progress, masks)
+    if args.out:
+        from safetensors.torch import save
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(args.out, save(state, metadata={"model": args.model}))
+        print(f"weights written to {args.out}")
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    for name in models.available():
+        model = models.create(name, input_size=40 if name.endswith("1d") else 28, seed=0)
+        params = sum(p.numel() for p in model.parameters())
+        doc = (type(model).__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<10} {params:>12,} params (1x28x28 or 1x40 input, 10 classes)  {doc}")
+
+
+def _cmd_datasets(args: argparse.Namespace) -> None:
+    notes = {
+        "fashion-mnist": f"IDX files in {datasets.FASHION_MNIST_ROOT}"
+        + (
+            ""
+            if datasets.FASHION_MNIST_ROOT.is_dir()
+            else " (missing: apt-get install dataset-fashion-mnist)"
+        ),
+        "mnist": f"IDX files in --root (default {datasets.MNIST_ROOT})",
+        "mnist1d": "generated by the mnist1d package (no download)",
+        "digits": "scikit-learn's bundled 8x8 digits",
+        "cifar10": "python pickle batches in --root (cifar-10-batches-py)",
+        "synthetic": "seeded Gaussian classes, for tests",
+    }
+    for name in datasets.available():
+        print(f"{name:<14} {notes.get(name, '')}")
+
+
+COMMANDS = {
+    "demo": _cmd_demo,
+    "train": _cmd_train,
+    "models": _cmd_models,
+    "datasets": _cmd_datasets,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``winnow`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        COMMANDS[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError, ImportError, OSError, RuntimeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"winnow: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("winnow: interrupted", file=sys.stderr)
+        return 130
+    if args.command in ("demo", "train"):
+        print(f"done in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
