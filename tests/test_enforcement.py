@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from winnow import Masks, enforce, models, prunable_parameters
+from winnow.enforcement import ZERO_PRESERVING
 
 
 def random_masks(model, density=0.1, seed=0):
@@ -25,6 +26,11 @@ OPTIMIZERS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
     "adam_wd": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "adam_fused": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-3, fused=True),
+    "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+    "sgd_fused": lambda ps: torch.optim.SGD(
+        ps, lr=0.05, momentum=0.9, weight_decay=5e-4, fused=True
+    ),
 }
 
 
@@ -40,13 +46,15 @@ def run_steps(model, optimizer, steps, seed=0, check_grads=None):
         optimizer.step()
 
 
+@pytest.mark.parametrize("rezero", [None, True], ids=["default", "rezero"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("arch", ["lenet300", "conv2"])
-def test_exact_zeros_after_100_steps(name, arch):
+def test_exact_zeros_after_100_steps(name, arch, rezero):
     model = models.create(arch, input_size=12)
     masks = random_masks(model)
     optimizer = OPTIMIZERS[name](model.parameters())
-    enforce(model, masks, optimizer)
+    enforcer = enforce(model, masks, optimizer, rezero=rezero)
+    assert len(enforcer._handles) == len(masks) + (rezero is True)
     params = prunable_parameters(model)
     before = {n: p.detach().clone() for n, p in params.items()}
 
@@ -58,6 +66,44 @@ def test_exact_zeros_after_100_steps(name, arch):
     for n, p in params.items():
         assert torch.all(p[~masks[n]] == 0.0), n
         assert not torch.equal(p[masks[n]], before[n][masks[n]]), f"{n} did not train"
+
+
+@pytest.mark.parametrize("cls", ZERO_PRESERVING, ids=lambda c: c.__name__)
+def test_zero_preserving_optimizers_keep_zeros_without_rezeroing(cls):
+    """The claim behind skipping the re-zeroing hook, checked for every listed optimizer."""
+    model = models.create("lenet300", input_size=12)
+    masks = random_masks(model, 0.3)
+    kwargs = {"weight_decay": 0.01}
+    if cls is torch.optim.SGD:
+        kwargs.update(lr=0.05, momentum=0.9, nesterov=True)
+    if cls is torch.optim.RMSprop:
+        kwargs.update(momentum=0.5, centered=True)
+    optimizer = cls(model.parameters(), **kwargs)
+    enforce(model, masks, optimizer, rezero=False)
+    run_steps(model, optimizer, 100)
+    for n, p in prunable_parameters(model).items():
+        assert torch.all(p[~masks[n]] == 0.0), n
+
+
+def test_unknown_optimizer_gets_the_rezeroing_hook():
+    class Drift(torch.optim.SGD):
+        """An update rule that moves every weight, even with a zero gradient."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(1e-3)
+
+    model = models.create("lenet300", input_size=12)
+    masks = random_masks(model)
+    optimizer = Drift(model.parameters(), lr=0.01)
+    enforcer = enforce(model, masks, optimizer)
+    assert len(enforcer._handles) == len(masks) + 1
+    run_steps(model, optimizer, 10)
+    for n, p in prunable_parameters(model).items():
+        assert torch.all(p[~masks[n]] == 0.0)
 
 
 def test_masks_applied_after_dense_training_clear_optimizer_state():
