@@ -1,0 +1,69 @@
+"""GraSP: Gradient Signal Preservation (Wang, Zhang & Grosse 2020, ICLR)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from winnow.criteria._registry import register
+from winnow.criteria.data import model_device, sample_batches
+from winnow.criteria.snip import loss_gradient
+
+
+def hessian_gradient_product(
+    work: nn.Module, params: dict[str, nn.Parameter], batches, temperature: float = 1.0
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(g, Hg)``: the loss gradient and the Hessian-gradient product at the current weights.
+
+    g = ∂L/∂θ is computed once (logits divided by ``temperature``); Hg = ∂(gᵀ·stopgrad(g))/∂θ
+    is obtained by differentiating the inner product of a second, differentiable gradient with
+    the fixed g (Pearlmutter's trick), batch by batch, with the same weighting as g.
+    """
+    fixed = loss_gradient(work, params, batches, temperature)
+    total = sum(len(y) for _, y in batches)
+    hg = {n: torch.zeros_like(p) for n, p in params.items()}
+    weights = list(params.values())
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(work(x) / temperature, y) * (len(y) / total)
+        grad = torch.autograd.grad(loss, weights, create_graph=True)
+        inner = sum((g * fixed[n]).sum() for n, g in zip(params, grad, strict=True))
+        for n, h in zip(params, torch.autograd.grad(inner, weights), strict=True):
+            hg[n] += h
+    return fixed, hg
+
+
+@register("grasp", needs_data=True)
+def grasp(
+    work: nn.Module,
+    params: dict[str, nn.Parameter],
+    data,
+    samples_per_class: int = 10,
+    samples: int | None = None,
+    temperature: float = 200.0,
+    batch_size: int | None = None,
+    seed: int = 0,
+    bn_mode: str = "train",
+) -> dict[str, Tensor]:
+    """GraSP (Wang et al. 2020): keep the weights whose removal would reduce ‖g‖ the most.
+
+    The paper scores S(−θ) = −θ ⊙ Hg, the first-order change of the gradient norm ΔL(θ) when
+    a weight is removed, and *removes the weights with the highest S(−θ)* (removing them reduces
+    the gradient flow least, or increases it). winnow's convention is "higher = keep", so this
+    returns ``-S(-θ) = θ ⊙ Hg``: keeping its top-k keeps the lowest S(−θ).
+
+    Data: ``samples_per_class`` examples of each class (10, as the reference code), or
+    ``samples`` drawn without balancing; g uses logits divided by ``temperature`` (200 in the
+    paper). BatchNorm uses batch statistics by default (``bn_mode="train"``).
+    """
+    work.train(bn_mode == "train")
+    per_class = None if samples is not None else samples_per_class
+    batches = sample_batches(
+        data,
+        samples or 0,
+        batch_size,
+        per_class=per_class,
+        seed=seed,
+        device=model_device(work),
+    )
+    _, hg = hessian_gradient_product(work, params, batches, temperature)
+    return {n: p.detach() * hg[n] for n, p in params.items()}

@@ -1,0 +1,51 @@
+"""SNIP: connection sensitivity at initialisation (Lee et al. 2019, ICLR)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from winnow.criteria._registry import register
+from winnow.criteria.data import model_device, sample_batches
+
+
+def loss_gradient(
+    work: nn.Module, params: dict[str, nn.Parameter], batches, temperature: float = 1.0
+) -> dict[str, Tensor]:
+    """g = ∂L/∂θ of the mean cross-entropy over ``batches`` (logits divided by ``temperature``).
+
+    Each batch's mean loss is weighted by its share of the examples, so g is the gradient of the
+    mean loss over all examples whatever the batching.
+    """
+    total = sum(len(y) for _, y in batches)
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(work(x) / temperature, y) * (len(y) / total)
+        for (n, _), g in zip(
+            params.items(), torch.autograd.grad(loss, list(params.values())), strict=True
+        ):
+            grads[n] += g
+    return grads
+
+
+@register("snip", needs_data=True)
+def snip(
+    work: nn.Module,
+    params: dict[str, nn.Parameter],
+    data,
+    samples: int = 128,
+    batch_size: int | None = None,
+    seed: int = 0,
+    bn_mode: str = "train",
+) -> dict[str, Tensor]:
+    """SNIP (Lee et al. 2019): ``|g ⊙ θ|`` with g = ∂L/∂θ on one batch of ``samples`` examples.
+
+    The score is the magnitude of the first-order change of the loss when a connection is
+    removed (the paper's connection sensitivity, before its normalisation, which does not change
+    the ranking). ``bn_mode``: BatchNorm uses batch statistics (``"train"``, the default, as the
+    reference code) or running statistics (``"eval"``); the caller's model is never changed.
+    """
+    work.train(bn_mode == "train")
+    batches = sample_batches(data, samples, batch_size, seed=seed, device=model_device(work))
+    grads = loss_gradient(work, params, batches)
+    return {n: (grads[n] * p.detach()).abs() for n, p in params.items()}

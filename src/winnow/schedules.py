@@ -1,0 +1,79 @@
+"""Schedules: when to score and select.
+
+This module holds pruning at initialisation, one-shot or iterative (SynFlow's schedule): score
+the network, keep the top weights, and repeat with the pruned network over ``rounds`` rounds
+at the densities d^(k/n).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from winnow.criteria import REGISTRY, available, score
+from winnow.masks import Masks
+from winnow.selection import check_density, exponential_densities, select
+
+DEFAULT_ROUNDS = {"synflow": 100}
+"""Rounds used when ``rounds`` is not given (1 for every other criterion)."""
+
+
+class LayerCollapseWarning(UserWarning):
+    """A pruning step left a layer with no weight: the network can no longer pass a signal."""
+
+
+def prune_at_init(
+    model: nn.Module,
+    method: str,
+    density: float,
+    data=None,
+    rounds: int | None = None,
+    scope: str = "global",
+    min_per_layer: int = 0,
+    masks: Masks | None = None,
+    progress: bool = False,
+    **options,
+) -> Masks:
+    """Masks keeping a fraction ``density`` of the prunable weights, chosen before training.
+
+    Scores the network with the criterion ``method`` (``random``, ``magnitude``, ``snip``,
+    ``grasp``, ``synflow``, ...; see :func:`winnow.criteria.score`) and keeps the top weights
+    (``scope="global"`` or ``"layer"``). With ``rounds`` > 1 it prunes iteratively: round k
+    re-scores the network pruned so far and keeps d^(k/n) of the weights (Tanaka et al. 2020;
+    SynFlow defaults to 100 rounds, every other criterion to 1). ``masks`` starts from an
+    existing mask instead of the dense network. ``min_per_layer`` keeps at least that many
+    weights in every tensor; a layer left empty raises a :class:`LayerCollapseWarning` naming
+    it. ``model`` is not changed.
+
+    Args:
+        density: the fraction kept, in [0, 1].
+        options: passed to the criterion (for example ``samples``, ``temperature``, ``seed``).
+    """
+    if method not in REGISTRY:
+        raise ValueError(f"unknown criterion {method!r}; available: {', '.join(available())}")
+    check_density(density)
+    if REGISTRY[method].needs_data and data is None:
+        raise ValueError(f"criterion {method!r} needs data")
+    rounds = DEFAULT_ROUNDS.get(method, 1) if rounds is None else rounds
+    if masks is not None and density > masks.density():
+        raise ValueError(
+            f"density {density} is above the starting mask's density {masks.density():.4g}"
+        )
+    start = 1.0 if masks is None else masks.density()
+    ratio = density / start if start else 0.0
+    targets = [start * d for d in exponential_densities(ratio, rounds)]
+    from tqdm.auto import tqdm
+
+    for target in tqdm(targets, desc=f"{method}", disable=None if progress else True, leave=False):
+        scores = score(model, method, data, masks=masks, **options)
+        masks = select(scores, target, scope=scope, current=masks, min_per_layer=min_per_layer)
+    collapsed = masks.collapsed_layers()
+    if collapsed:
+        warnings.warn(
+            f"{method} at density {density:.4g} left no weight in {', '.join(collapsed)} "
+            "(layer collapse); pass min_per_layer=1 to keep every layer connected",
+            LayerCollapseWarning,
+            stacklevel=2,
+        )
+    return masks

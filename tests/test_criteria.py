@@ -1,0 +1,205 @@
+"""Criteria: SNIP, GraSP, SynFlow against independent computations; no criterion mutates."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import winnow
+from winnow import criteria, models, prunable_parameters
+from winnow.analysis import is_connected
+from winnow.criteria.grasp import hessian_gradient_product
+from winnow.schedules import LayerCollapseWarning, prune_at_init
+
+
+@pytest.fixture(scope="module")
+def data():
+    return winnow.data.load("synthetic", n_train=400, n_test=100, input_shape=(1, 8, 8))
+
+
+def small_mlp(seed=0, hidden=(16, 16)):
+    return models.create("mlp", input_size=8, num_classes=4, hidden=list(hidden), seed=seed)
+
+
+def test_snip_equals_abs_grad_times_weight(data):
+    model = small_mlp()
+    x, y = data.x_train[:64], data.y_train[:64]
+    scores = criteria.score(model, "snip", (x, y), samples=64)
+    params = prunable_parameters(model)
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    for (name, p), g in zip(params.items(), grads, strict=True):
+        torch.testing.assert_close(scores[name], (g * p).abs(), rtol=1e-5, atol=1e-8)
+
+
+def test_grasp_hessian_gradient_product_matches_central_difference(data):
+    model = small_mlp().double()
+    x, y = data.x_train[:50].double(), data.y_train[:50]
+    params = dict(model.named_parameters())
+    weights = {n: p for n, p in params.items() if n.endswith("weight")}
+    g, hg = hessian_gradient_product(model, weights, [(x, y)], temperature=2.0)
+
+    def grad_at(shift):
+        with torch.no_grad():
+            for n, p in weights.items():
+                p.add_(shift * g[n])
+        loss = nn.functional.cross_entropy(model(x) / 2.0, y)
+        out = torch.autograd.grad(loss, list(weights.values()))
+        with torch.no_grad():
+            for n, p in weights.items():
+                p.sub_(shift * g[n])
+        return dict(zip(weights, out, strict=True))
+
+    eps = 1e-4
+    plus, minus = grad_at(eps), grad_at(-eps)
+    for n in weights:
+        estimate = (plus[n] - minus[n]) / (2 * eps)
+        torch.testing.assert_close(hg[n], estimate, rtol=1e-3, atol=1e-7)
+
+
+def test_grasp_sign_removing_pruned_set_lowers_gradient_norm_least(data):
+    """First-order statement of GraSP: removing the weights it prunes changes ‖g‖² the least
+    negatively, removing the weights it keeps the most, a random set in between."""
+    model = small_mlp(seed=1, hidden=(32, 32)).double()
+    x, y = data.x_train[:100].double(), data.y_train[:100]
+    scores = criteria.score(model, "grasp", (x, y), samples=100, temperature=1.0)
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    count = max(1, int(0.005 * flat.numel()))
+
+    def norm_after_removing(chosen):
+        pruned = copy.deepcopy(model)
+        params = prunable_parameters(pruned)
+        offset = 0
+        with torch.no_grad():
+            for p in params.values():
+                p.view(-1)[chosen[offset : offset + p.numel()]] = 0
+                offset += p.numel()
+        loss = nn.functional.cross_entropy(pruned(x), y)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        return float(sum((g**2).sum() for g in grads))
+
+    def indicator(index):
+        mask = torch.zeros(flat.numel(), dtype=torch.bool)
+        mask[index] = True
+        return mask
+
+    order = torch.argsort(flat)
+    grasp_prunes = indicator(order[:count])  # lowest score = highest S(-θ)
+    grasp_keeps = indicator(order[-count:])
+    gen = torch.Generator().manual_seed(0)
+    random_norms = [
+        norm_after_removing(indicator(torch.randperm(flat.numel(), generator=gen)[:count]))
+        for _ in range(5)
+    ]
+    after_prune = norm_after_removing(grasp_prunes)
+    after_keep = norm_after_removing(grasp_keeps)
+    assert after_prune > max(random_norms)
+    assert after_keep < min(random_norms)
+
+
+def test_synflow_is_data_free_and_deterministic(data):
+    model = models.create("vgg11", input_size=8, num_classes=4)
+    a = criteria.score(model, "synflow", data)
+    b = criteria.score(model, "synflow", input_shape=(1, 8, 8))
+    other = (torch.randn(5, 1, 8, 8), torch.randint(0, 4, (5,)))
+    c = criteria.score(model, "synflow", other)
+    for n in a:
+        assert torch.equal(a[n], b[n]) and torch.equal(a[n], c[n])
+        assert a[n].dtype == torch.float64 and bool((a[n] >= 0).all())
+    with pytest.raises(ValueError, match="input shape"):
+        criteria.score(model, "synflow")
+
+
+def test_synflow_stays_finite_on_vgg19():
+    model = models.create("vgg19", input_size=32, in_channels=3)
+    scores = criteria.score(model, "synflow", input_shape=(3, 32, 32))
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    assert torch.isfinite(flat).all() and bool((flat > 0).any())
+
+
+def _snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        [m.training for m in model.modules()],
+    )
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("method", criteria.available())
+def test_no_criterion_changes_the_model(method, mode, data):
+    model = models.create("vgg11", input_size=8, num_classes=4)
+    model.train(mode == "train")
+    model.features[1].weight.requires_grad_(False)  # a frozen BatchNorm weight
+    before = _snapshot(model)
+    criteria.score(model, method, data)
+    after = _snapshot(model)
+    assert before[0].keys() == after[0].keys()
+    for key in before[0]:
+        assert torch.equal(before[0][key], after[0][key]), key
+    assert before[1] == after[1] and before[2] == after[2]
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", criteria.available())
+def test_same_seed_same_masks(method, data):
+    masks = [
+        prune_at_init(small_mlp(), method, 0.1, data, rounds=3 if method == "synflow" else None)
+        for _ in range(2)
+    ]
+    assert masks[0] == masks[1]
+    assert masks[0].num_kept() == round(0.1 * masks[0].numel())
+
+
+def test_masked_scoring_scores_the_pruned_network(data):
+    model = small_mlp()
+    masks = prune_at_init(model, "magnitude", 0.3)
+    scores = criteria.score(model, "snip", data, masks=masks)
+    for name, mask in masks.items():
+        assert bool((scores[name][~mask] == 0).all())
+
+
+def test_layer_collapse_synflow_vs_one_shot():
+    """Tanaka et al. 2020: at extreme sparsity, one-shot magnitude / SNIP cut a layer of a deep
+    narrow network, iterative SynFlow keeps it connected."""
+    model = models.create("mlp", input_size=16, num_classes=10, hidden=[100] * 10, seed=0)
+    data = winnow.data.load(
+        "synthetic", n_train=256, n_test=16, input_shape=(1, 16, 16), num_classes=10
+    )
+    density = 0.001
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        magnitude = prune_at_init(model, "magnitude", density)
+        snip = prune_at_init(model, "snip", density, data)
+    assert magnitude.collapsed_layers() and not is_connected(magnitude)
+    assert snip.collapsed_layers() and not is_connected(snip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayerCollapseWarning)
+        synflow = prune_at_init(model, "synflow", density, data, rounds=100)
+    assert synflow.collapsed_layers() == [] and is_connected(synflow)
+    with pytest.warns(LayerCollapseWarning, match="layers.1.weight"):
+        prune_at_init(model, "magnitude", density)
+
+
+def test_prune_at_init_errors(data):
+    model = small_mlp()
+    with pytest.raises(ValueError, match="unknown criterion 'snap'"):
+        prune_at_init(model, "snap", 0.1, data)
+    with pytest.raises(ValueError, match="needs data"):
+        prune_at_init(model, "snip", 0.1)
+    with pytest.raises(ValueError, match="density"):
+        prune_at_init(model, "magnitude", 1.2)
+    with pytest.raises(ValueError, match="no prunable layer"):
+        prune_at_init(nn.Sequential(nn.ReLU()), "magnitude", 0.1)
+
+
+def test_iterative_from_existing_masks(data):
+    model = small_mlp()
+    half = prune_at_init(model, "magnitude", 0.5)
+    tenth = prune_at_init(model, "snip", 0.1, data, rounds=3, masks=half)
+    assert tenth.num_kept() == round(0.1 * tenth.numel())
+    assert (tenth & ~half).num_kept() == 0  # nothing revived
+    with pytest.raises(ValueError, match="above the starting mask"):
+        prune_at_init(model, "magnitude", 0.6, masks=half)

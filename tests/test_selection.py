@@ -1,0 +1,87 @@
+"""Selection: exact top-k, ties, scopes, current masks, guards, errors."""
+
+import pytest
+import torch
+
+from winnow import Masks
+from winnow.selection import check_sparsity, exponential_densities, select
+
+
+def scores_of(*tensors):
+    return {f"l{i}": t for i, t in enumerate(tensors)}
+
+
+def test_global_topk_is_exact_and_crosses_layers():
+    scores = scores_of(torch.tensor([5.0, 1.0, 3.0]), torch.tensor([[4.0, 0.0], [2.0, 6.0]]))
+    masks = select(scores, 3 / 7)
+    assert masks["l0"].tolist() == [True, False, False]
+    assert masks["l1"].tolist() == [[True, False], [False, True]]
+    assert masks.num_kept() == 3
+
+
+def test_per_layer_scope_and_density_mapping():
+    scores = scores_of(torch.arange(10.0), torch.arange(4.0).flip(0))
+    masks = select(scores, 0.5, scope="layer")
+    assert masks["l0"].tolist() == [False] * 5 + [True] * 5
+    assert masks["l1"].tolist() == [True, True, False, False]
+    mapped = select(scores, {"l0": 0.2, "l1": 1.0})
+    assert mapped["l0"].sum() == 2 and mapped["l1"].all()
+
+
+def test_ties_are_broken_by_position_and_count_is_exact():
+    scores = scores_of(torch.ones(10), torch.ones(10))
+    masks = select(scores, 0.25)
+    assert masks.num_kept() == 5
+    assert masks["l0"].tolist() == [True] * 5 + [False] * 5
+    assert select(scores, 0.25) == masks  # deterministic
+
+
+def test_dead_weights_are_never_revived():
+    current = Masks({"l0": torch.tensor([True, False, True, False, True, True])})
+    scores = {"l0": torch.tensor([0.0, 100.0, 1.0, 100.0, 2.0, 3.0])}
+    masks = select(scores, 2 / 6, current=current)
+    assert masks["l0"].tolist() == [False, False, False, False, True, True]
+    with pytest.raises(ValueError, match="only 4 are still alive"):
+        select(scores, 5 / 6, current=current)
+
+
+def test_nan_scores_are_kept_last():
+    scores = {"l0": torch.tensor([float("nan"), 1.0, 2.0])}
+    assert select(scores, 2 / 3)["l0"].tolist() == [False, True, True]
+
+
+def test_min_per_layer_guard_prevents_collapse():
+    scores = scores_of(torch.full((100,), 10.0), torch.full((100,), 0.1))
+    plain = select(scores, 0.05)
+    assert plain.collapsed_layers() == ["l1"]
+    guarded = select(scores, 0.05, min_per_layer=2)
+    assert guarded.collapsed_layers() == []
+    assert guarded.num_kept() == 10 and int(guarded["l1"].sum()) == 2
+
+
+def test_density_zero_and_one():
+    scores = scores_of(torch.rand(7), torch.rand(3))
+    assert select(scores, 0.0).num_kept() == 0
+    assert select(scores, 1.0).num_kept() == 10
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5, float("nan")])
+def test_bad_density(density):
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        select(scores_of(torch.rand(4)), density)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown scope"):
+        select(scores_of(torch.rand(4)), 0.5, scope="row")
+    with pytest.raises(ValueError, match="no scores"):
+        select({}, 0.5)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        check_sparsity(1.0)
+
+
+def test_exponential_densities():
+    ds = exponential_densities(0.01, 4)
+    assert len(ds) == 4 and ds[-1] == pytest.approx(0.01)
+    assert ds[0] == pytest.approx(0.01**0.25)
+    assert all(a > b for a, b in zip(ds, ds[1:], strict=False))
