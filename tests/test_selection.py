@@ -85,3 +85,45 @@ def test_exponential_densities():
     assert len(ds) == 4 and ds[-1] == pytest.approx(0.01)
     assert ds[0] == pytest.approx(0.01**0.25)
     assert all(a > b for a, b in zip(ds, ds[1:], strict=False))
+
+
+def reference_select(scores, k, alive):
+    """Sort-based reference: the k best alive entries, ties by position (tensor, then index)."""
+    flat = torch.cat([s.flatten().double() for s in scores.values()])
+    ok = torch.cat([a.flatten() for a in alive.values()])
+    index = torch.arange(flat.numel())
+    order = sorted(index[ok].tolist(), key=lambda i: (-flat[i].item(), i))[:k]
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order] = True
+    out, offset = {}, 0
+    for name, s in scores.items():
+        out[name] = keep[offset : offset + s.numel()].reshape(s.shape)
+        offset += s.numel()
+    return Masks(out)
+
+
+@pytest.mark.parametrize("sample_size", [1 << 16, 8])
+def test_large_selection_equals_sorting(monkeypatch, sample_size):
+    """The sampled-bracket threshold (and its fallback) is exact, ties and dead weights included."""
+    import winnow.selection as selection
+
+    monkeypatch.setattr(selection, "EXACT_BELOW", 1000)
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", sample_size)
+    gen = torch.Generator().manual_seed(0)
+    scores = {
+        "a": (torch.rand(300, 40, generator=gen) * 50).round(),  # many ties
+        "b": torch.rand(5000, generator=gen),
+        "c": (torch.rand(20, 30, generator=gen) * 50).round(),
+    }
+    current = Masks({n: torch.rand(s.shape, generator=gen) < 0.6 for n, s in scores.items()})
+    for density in (0.3, 0.05, 0.001):
+        k = round(density * sum(s.numel() for s in scores.values()))
+        got = select(scores, density, current=current)
+        assert got == reference_select(scores, k, current), density
+        assert (got & ~current).num_kept() == 0
+
+
+def test_alive_nan_never_loses_to_dead_weights():
+    scores = {"w": torch.tensor([float("nan"), 5.0, float("-inf"), 1.0])}
+    current = Masks({"w": torch.tensor([True, False, True, False])})
+    assert select(scores, 0.5, current=current)["w"].tolist() == [True, False, True, False]

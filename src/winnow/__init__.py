@@ -7,11 +7,18 @@ The public API is small; each piece lives in a module of its own:
 - :func:`train`, :func:`evaluate`, :class:`TrainConfig` (``winnow.training``).
 - ``winnow.models.create(name, ...)``: the papers' architectures.
 - ``winnow.data.load(name, ...)``: offline datasets held as tensors.
+- :func:`score` (``winnow.criteria``): random, magnitude, SNIP, GraSP, SynFlow scores.
+- :func:`select` (``winnow.selection``): scores -> masks, globally or per layer.
+- :func:`prune_at_init` (``winnow.schedules``): score and select before training, one-shot or
+  iteratively.
 """
 
-from winnow import data, models
+from winnow import analysis, data, models
+from winnow.criteria import score
 from winnow.enforcement import MaskEnforcer, enforce
 from winnow.masks import Masks, prunable_parameters
+from winnow.schedules import prune_at_init
+from winnow.selection import select
 from winnow.training import TrainConfig, TrainResult, evaluate, train
 
 __version__ = "0.1.0"
@@ -21,10 +28,14 @@ __all__ = [
     "MaskEnforcer",
     "TrainConfig",
     "TrainResult",
+    "analysis",
     "data",
     "enforce",
     "evaluate",
     "models",
     "prunable_parameters",
+    "prune_at_init",
+    "score",
+    "select",
     "train",
 ]

@@ -110,8 +110,10 @@ def is_connected(masks: Masks) -> bool:
         layer = layer.double().cpu()
         if reach is not None and layer.shape[1] != reach.shape[0]:
             if layer.shape[1] % reach.shape[0]:
-                raise ValueError(f"cannot chain a layer of input size {layer.shape[1]} after "
-                                 f"one of output size {reach.shape[0]}")
+                raise ValueError(
+                    f"cannot chain a layer of input size {layer.shape[1]} after "
+                    f"one of output size {reach.shape[0]}"
+                )
             reach = reach.repeat_interleave(layer.shape[1] // reach.shape[0])
         reach = layer.sum(1) > 0 if reach is None else (layer @ reach.double()) > 0
         reach = reach.double()

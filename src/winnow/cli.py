@@ -58,6 +58,37 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, help="write the trained weights here (safetensors)")
     _add_training_options(tr)
 
+    pai = sub.add_parser("prune-at-init", help="prune a freshly initialised model (SNIP, ...)")
+    pai.add_argument("--model", required=True, help="a name from `winnow models`")
+    pai.add_argument("--data", required=True, help="a name from `winnow datasets`")
+    pai.add_argument("--root", help="directory of the dataset files")
+    pai.add_argument("--method", required=True, help="random, magnitude, snip, grasp, synflow")
+    pai.add_argument("--density", type=float, required=True, help="fraction kept, in [0, 1]")
+    pai.add_argument("--rounds", type=int, help="iterative rounds (default: 100 for synflow)")
+    pai.add_argument("--scope", choices=("global", "layer"), default="global")
+    pai.add_argument("--min-per-layer", type=int, default=0, help="guard against collapse")
+    pai.add_argument("--seed", type=int, default=0)
+    pai.add_argument("--out", type=Path, help="write the masks here (safetensors)")
+
+    exp = sub.add_parser("experiment", help="run or report a stored, resumable experiment")
+    exp_sub = exp.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    ai = exp_sub.add_parser("at-init", help="methods x densities x seeds, pruned at init")
+    ai.add_argument("--model", default="lenet300")
+    ai.add_argument("--data", default="fashion-mnist")
+    ai.add_argument("--methods", default="random,magnitude,snip,grasp,synflow")
+    ai.add_argument(
+        "--densities", default="10,5,2,1,0.5,0.2", help="percent of weights kept, comma-separated"
+    )
+    ai.add_argument("--seeds", default="0,1,2")
+    ai.add_argument("--controls", default="none,shuffle", help="none, shuffle, reinit")
+    ai.add_argument("--epochs", type=float, default=5)
+    ai.add_argument("--limit", type=int, help="keep only the first N examples of each split")
+    ai.add_argument("--results", type=Path, default=Path("results"))
+    ai.add_argument("--no-progress", action="store_true")
+    rep = exp_sub.add_parser("report", help="rebuild tables and plots from the run store")
+    rep.add_argument("name", choices=("at-init",))
+    rep.add_argument("--results", type=Path, default=Path("results"))
+
     sub.add_parser("models", help="list the model zoo")
     sub.add_parser("datasets", help="list the datasets and whether their files are here")
     return parser
@@ -162,9 +193,68 @@ def _cmd_datasets(args: argparse.Namespace) -> None:
         print(f"{name:<14} {notes.get(name, '')}")
 
 
+def _csv(text: str, kind=str) -> tuple:
+    try:
+        return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ValueError(f"cannot read {text!r} as a comma-separated list") from None
+
+
+def _cmd_prune_at_init(args: argparse.Namespace) -> None:
+    from winnow.analysis import gradient_norm
+    from winnow.schedules import prune_at_init
+
+    data = datasets.load(args.data, root=args.root, seed=args.seed)
+    model = models.create_for(args.model, data, seed=args.seed)
+    masks = prune_at_init(
+        model,
+        args.method,
+        args.density,
+        data,
+        rounds=args.rounds,
+        scope=args.scope,
+        min_per_layer=args.min_per_layer,
+        progress=True,
+    )
+    print(masks.summary())
+    print(
+        f"gradient norm: dense {gradient_norm(model, data):.4g}, "
+        f"pruned {gradient_norm(model, data, masks):.4g}"
+    )
+    if args.out:
+        masks.save(args.out)
+        print(f"masks written to {args.out}")
+
+
+def _cmd_experiment(args: argparse.Namespace) -> None:
+    from winnow.experiments import at_init
+
+    if args.experiment == "report":
+        paths = at_init.report(args.results)
+    else:
+        configs = at_init.sweep(
+            model=args.model,
+            data=args.data,
+            methods=_csv(args.methods),
+            densities=tuple(d / 100 for d in _csv(args.densities, float)),
+            seeds=_csv(args.seeds, int),
+            controls=_csv(args.controls),
+            epochs=args.epochs,
+            data_limit=args.limit,
+        )
+        print(f"{len(configs)} runs into {args.results} (finished runs are skipped)")
+        at_init.run(args.results, configs, progress=not args.no_progress)
+        paths = at_init.report(args.results)
+    print(paths["table"].read_text())
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
 COMMANDS = {
     "demo": _cmd_demo,
     "train": _cmd_train,
+    "prune-at-init": _cmd_prune_at_init,
+    "experiment": _cmd_experiment,
     "models": _cmd_models,
     "datasets": _cmd_datasets,
 }

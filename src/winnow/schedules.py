@@ -11,7 +11,8 @@ import warnings
 
 from torch import nn
 
-from winnow.criteria import REGISTRY, available, score
+from winnow.criteria import REGISTRY, available
+from winnow.criteria._registry import working_copy
 from winnow.masks import Masks
 from winnow.selection import check_density, exponential_densities, select
 
@@ -65,8 +66,12 @@ def prune_at_init(
     targets = [start * d for d in exponential_densities(ratio, rounds)]
     from tqdm.auto import tqdm
 
+    criterion = REGISTRY[method]
+    work, params = working_copy(model, list(masks) if masks is not None else None)
     for target in tqdm(targets, desc=f"{method}", disable=None if progress else True, leave=False):
-        scores = score(model, method, data, masks=masks, **options)
+        if masks is not None:
+            masks.apply(work)
+        scores = criterion.implementation(work, params, data, **options)
         masks = select(scores, target, scope=scope, current=masks, min_per_layer=min_per_layer)
     collapsed = masks.collapsed_layers()
     if collapsed:

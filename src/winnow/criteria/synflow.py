@@ -23,34 +23,52 @@ def input_shape_of(data: DataSource | None, input_shape) -> tuple[int, ...]:
     raise ValueError("synflow needs the input shape: pass input_shape=(C, H, W) or the data")
 
 
+FLOAT32_RANGE = (1e-30, 1e30)
+"""R must lie in this range for float32 scoring; outside it SynFlow recomputes in float64."""
+
+
 @register("synflow")
 def synflow(
     work: nn.Module,
     params: dict[str, nn.Parameter],
     data: DataSource | None = None,
     input_shape: tuple[int, ...] | None = None,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """SynFlow (Tanaka et al. 2020): ``|θ ⊙ ∂R/∂θ|``, data-free.
 
     In eval mode, every floating-point tensor of the state_dict (weights, biases, BatchNorm
     affine parameters and running statistics) is replaced by its absolute value; R is the sum
     of the output for an all-ones input of one sample. The data, if given, is used only for
-    its input shape. The product of many layers overflows float32 on deep networks, so the
-    computation runs in ``dtype`` (float64 by default) and the scores are returned in it;
-    ``ValueError`` if R is not finite even so.
+    its input shape.
+
+    The product of many layers overflows float32 on deep networks (ResNet-56 reaches 1e60):
+    with ``dtype=None`` the pass runs in float32 while R stays within 1e-30..1e30 and is redone
+    in float64 otherwise (and stays in float64 for the later rounds of iterative pruning); the
+    scores come in the dtype used. ``ValueError`` if R is not finite even in float64.
     """
     shape = input_shape_of(data, input_shape)
-    work.to(dtype).eval()
+    work.eval()
     with torch.no_grad():
         for tensor in work.state_dict().values():
             if tensor.is_floating_point():
                 tensor.abs_()
-    ones = torch.ones((1, *shape), dtype=dtype, device=model_device(work))
-    flow = work(ones).sum()
-    if not math.isfinite(float(flow.detach())):
-        raise ValueError(
-            f"synflow: R = {float(flow.detach())} overflows {dtype}; try dtype=torch.float64"
-        )
+    current = next(iter(params.values())).dtype
+    if dtype is not None:
+        candidates = [dtype]
+    elif current == torch.float64:
+        candidates = [torch.float64]
+    else:
+        candidates = [torch.float32, torch.float64]
+    for candidate in candidates:
+        work.to(candidate)
+        ones = torch.ones((1, *shape), dtype=candidate, device=model_device(work))
+        flow = work(ones).sum()
+        value = float(flow.detach())
+        in_range = FLOAT32_RANGE[0] < value < FLOAT32_RANGE[1]
+        if math.isfinite(value) and (in_range or candidate != torch.float32 or dtype is not None):
+            break
+    if not math.isfinite(value):
+        raise ValueError(f"synflow: R = {value} overflows {candidate}")
     grads = torch.autograd.grad(flow, list(params.values()))
     return {n: (p.detach() * g).abs() for (n, p), g in zip(params.items(), grads, strict=True)}

@@ -1,0 +1,106 @@
+"""Cost of scoring at initialisation, as a ratio to plain passes of the same network.
+
+For VGG-19 and ResNet-20 (CIFAR shape, 3x32x32, 10 classes), measured in one run:
+
+- one forward+backward pass of a batch of 128 random examples (the unit for SNIP and GraSP);
+- SNIP on that batch, GraSP on it (temperature 200), each including winnow's private copy;
+- one forward+backward pass of a single all-ones sample (the unit for SynFlow);
+- SynFlow with 100 rounds to 1% density, with the time spent in selection reported apart.
+
+Targets (issue 3): SNIP <= 1.5 passes, GraSP <= 4 passes, SynFlow-100 <= 100 single-sample
+passes + 20% for selection (i.e. <= 120).
+
+    python bench/at_init_cost.py [--models vgg19,resnet20] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import winnow.schedules as schedules
+from winnow import criteria, models, prunable_parameters
+from winnow.schedules import prune_at_init
+
+
+def median_time(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(name: str, repeat: int) -> None:
+    model = models.create(name, in_channels=3, input_size=32, num_classes=10, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (128,), generator=gen)
+    weights = list(prunable_parameters(model).values())
+
+    def batch_pass():
+        model.train()
+        loss = nn.functional.cross_entropy(model(x), y)
+        torch.autograd.grad(loss, weights)
+
+    ones = torch.ones(1, 3, 32, 32)
+
+    def single_pass():
+        model.eval()
+        torch.autograd.grad(model(ones).sum(), weights)
+
+    t_batch = median_time(batch_pass, repeat)
+    t_snip = median_time(lambda: criteria.score(model, "snip", (x, y), samples=128), repeat)
+    t_grasp = median_time(lambda: criteria.score(model, "grasp", (x, y), samples=128), repeat)
+    t_single = median_time(single_pass, repeat)
+
+    selecting = []
+    original = schedules.select
+
+    def timed_select(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        selecting.append(time.perf_counter() - start)
+        return out
+
+    schedules.select = timed_select
+    try:
+        start = time.perf_counter()
+        masks = prune_at_init(model, "synflow", 0.01, input_shape=(3, 32, 32), rounds=100)
+        t_synflow = time.perf_counter() - start
+    finally:
+        schedules.select = original
+    t_select = sum(selecting)
+    params = sum(w.numel() for w in weights)
+    print(
+        f"{name}: {params:,} prunable weights; batch pass {t_batch * 1e3:.0f} ms, "
+        f"single-sample pass {t_single * 1e3:.1f} ms"
+    )
+    print(f"  SNIP     {t_snip / t_batch:6.2f} batch passes   (target <= 1.5)")
+    print(f"  GraSP    {t_grasp / t_batch:6.2f} batch passes   (target <= 4)")
+    print(
+        f"  SynFlow  {t_synflow / t_single:6.1f} single passes for 100 rounds (target <= 120): "
+        f"selection {t_select / t_single:.1f}, the rest {(t_synflow - t_select) / t_single:.1f}; "
+        f"final density {masks.density():.4f}, collapsed layers: {masks.collapsed_layers()}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="vgg19,resnet20")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    for name in args.models.split(","):
+        bench(name, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
