@@ -1,0 +1,251 @@
+"""The pruning-at-initialisation experiment: methods x densities x seeds, with controls.
+
+Each run prunes a freshly initialised network with one criterion to one density, trains the
+sparse network, and stores its masks and metrics in the run store as it finishes, so an
+interrupted sweep resumes without redoing finished runs. Controls (Frankle et al. 2021,
+"Pruning neural networks at initialization: why are we missing the mark?"):
+
+- ``shuffle``: each layer's mask permuted within the layer (same per-layer densities);
+- ``reinit``: the same mask on a freshly re-initialised network.
+
+A ``dense`` run per seed gives the reference accuracy. :func:`report` rebuilds the table and
+the plots from the store alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import winnow
+from winnow.analysis import gradient_norm, shuffle_within_layers
+from winnow.criteria import REGISTRY
+from winnow.criteria import available as available_criteria
+from winnow.experiments.report import aggregate, bar_plot, line_plot, write_table
+from winnow.experiments.runner import run_sweep
+from winnow.experiments.store import Run, RunStore
+from winnow.masks import Masks
+from winnow.schedules import prune_at_init
+from winnow.selection import check_density
+from winnow.training import TrainConfig, train
+
+EXPERIMENT = "at-init"
+CONTROLS = ("none", "shuffle", "reinit")
+PAPER_DENSITIES = (0.1, 0.05, 0.02, 0.01, 0.005, 0.002)
+REINIT_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class AtInitConfig:
+    """One run: prune ``model`` at init with ``method`` to ``density``, then train it."""
+
+    model: str = "lenet300"
+    data: str = "fashion-mnist"
+    method: str = "snip"
+    density: float = 0.1
+    seed: int = 0
+    control: str = "none"
+    rounds: int | None = None
+    scope: str = "global"
+    epochs: float = 5.0
+    batch_size: int = 60
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    weight_decay: float = 0.0
+    data_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method != "dense" and self.method not in available_criteria():
+            raise ValueError(
+                f"unknown method {self.method!r}; available: dense, "
+                + ", ".join(available_criteria())
+            )
+        check_density(self.density)
+        if self.control not in CONTROLS:
+            raise ValueError(f"unknown control {self.control!r}; choose one of {CONTROLS}")
+        if self.model not in winnow.models.available():
+            raise ValueError(f"unknown model {self.model!r}")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
+
+
+def sweep(
+    model: str = "lenet300",
+    data: str = "fashion-mnist",
+    methods: tuple[str, ...] = ("random", "magnitude", "snip", "grasp", "synflow"),
+    densities: tuple[float, ...] = PAPER_DENSITIES,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    controls: tuple[str, ...] = ("none", "shuffle"),
+    **options,
+) -> list[AtInitConfig]:
+    """The runs of a sweep: a dense reference per seed, then every method x density x seed x
+    control (densities are fractions kept, e.g. 0.01 for 1%)."""
+    configs = [
+        AtInitConfig(model=model, data=data, method="dense", density=1.0, seed=s, **options)
+        for s in seeds
+    ]
+    for method in methods:
+        for density in densities:
+            for seed in seeds:
+                for control in controls:
+                    configs.append(
+                        AtInitConfig(
+                            model=model,
+                            data=data,
+                            method=method,
+                            density=density,
+                            seed=seed,
+                            control=control,
+                            **options,
+                        )
+                    )
+    return configs
+
+
+@lru_cache(maxsize=4)
+def _load_data(name: str, seed: int, limit: int | None) -> winnow.data.DataSplits:
+    return winnow.data.load(name, seed=seed, limit=limit)
+
+
+def execute(run: Run) -> None:
+    """Run one configuration: prune (or reuse the stored masks), apply the control, train."""
+    config: AtInitConfig = run.config
+    data = _load_data(config.data, config.seed, config.data_limit)
+    model = winnow.models.create_for(config.model, data, seed=config.seed)
+    masks = None
+    if config.method != "dense":
+        if run.has("masks.safetensors"):
+            masks = Masks.load(run.path("masks.safetensors"))
+        else:
+            masks = prune_at_init(
+                model,
+                config.method,
+                config.density,
+                data,
+                rounds=config.rounds,
+                scope=config.scope,
+                **_seed_option(config.method, config.seed),
+            )
+            masks.save(run.path("masks.safetensors"))
+        run.record(
+            "prune",
+            0,
+            {
+                "layer_density": masks.layer_density(),
+                "collapsed": masks.collapsed_layers(),
+                "grad_norm_dense": gradient_norm(model, data),
+                "grad_norm_pruned": gradient_norm(model, data, masks),
+            },
+        )
+        if config.control == "shuffle":
+            masks = shuffle_within_layers(masks, seed=config.seed)
+        elif config.control == "reinit":
+            model = winnow.models.create_for(
+                config.model, data, seed=config.seed + REINIT_SEED_OFFSET
+            )
+    result = train(model, data, config.train_config(), masks=masks)
+    best = result.early_stop
+    run.record(
+        "result",
+        0,
+        {
+            "test_acc": result.final["test_acc"],
+            "val_acc": result.final["val_acc"],
+            "early_stop_test_acc": best["test_acc"],
+            "early_stop_iteration": best["iteration"],
+            "density_kept": masks.density() if masks is not None else 1.0,
+            "seconds": result.seconds,
+        },
+    )
+
+
+def run(results: str | Path, configs: list[AtInitConfig], progress: bool = True) -> RunStore:
+    """Execute the sweep into the run store at ``results`` (finished runs are skipped)."""
+    store = RunStore(results)
+    run_sweep(store, EXPERIMENT, configs, execute, progress=progress)
+    return store
+
+
+def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Rebuild the table and plots of the at-init experiment from the store at ``results``.
+
+    Writes ``at-init.md``/``.csv`` (mean ± std test accuracy over seeds per method, control and
+    density), ``at-init-accuracy.png`` (accuracy vs density, log x, one line per method and
+    control, dense as reference) and ``at-init-layers.png`` (fraction kept per layer for each
+    method at the lowest density). Returns the written paths by name.
+    """
+    store = RunStore(results)
+    out = Path(out) if out is not None else Path(results) / EXPERIMENT
+    rows = store.records(EXPERIMENT, kind="result")
+    if not rows:
+        raise ValueError(f"no finished {EXPERIMENT} runs in {results}")
+    table = aggregate(
+        rows,
+        by=["model", "data", "method", "control", "density"],
+        values=["test_acc", "early_stop_test_acc"],
+    )
+    table.sort(key=lambda r: (r["method"] != "dense", r["method"], r["control"], -r["density"]))
+    for row in table:
+        row["density %"] = 100 * row["density"]
+        row["test acc %"] = f"{100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_std']:.2f}"
+        row["early-stop acc %"] = (
+            f"{100 * row['early_stop_test_acc_mean']:.2f} ± "
+            f"{100 * row['early_stop_test_acc_std']:.2f}"
+        )
+    paths = {}
+    md, csv = write_table(
+        table,
+        ["model", "method", "control", "density %", "test acc %", "early-stop acc %", "n"],
+        out.parent / out.name,
+        formats={"density %": "{:g}"},
+    )
+    paths["table"], paths["csv"] = md, csv
+    dense = [r for r in table if r["method"] == "dense"]
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for row in table:
+        if row["method"] == "dense":
+            continue
+        label = row["method"] + ("" if row["control"] == "none" else f" ({row['control']})")
+        series.setdefault(label, []).append(
+            (100 * row["density"], 100 * row["test_acc_mean"], 100 * row["test_acc_std"])
+        )
+    paths["accuracy"] = line_plot(
+        {k: sorted(v) for k, v in series.items()},
+        out.parent / f"{out.name}-accuracy.png",
+        xlabel="weights remaining (%)",
+        ylabel="test accuracy (%)",
+        title=f"Pruning at initialisation: {rows[0]['model']} on {rows[0]['data']}",
+        logx=True,
+        reference=100 * dense[0]["test_acc_mean"] if dense else None,
+    )
+    prune_rows = [r for r in store.records(EXPERIMENT, kind="prune") if r.get("control") == "none"]
+    if prune_rows:
+        lowest = min(r["density"] for r in prune_rows)
+        groups: dict[str, dict[str, float]] = {}
+        for r in prune_rows:
+            if r["density"] == lowest and r["seed"] == min(p["seed"] for p in prune_rows):
+                groups[r["method"]] = {k: 100 * v for k, v in r["layer_density"].items()}
+        paths["layers"] = bar_plot(
+            groups,
+            out.parent / f"{out.name}-layers.png",
+            xlabel="layer",
+            ylabel=f"weights kept (%) at {100 * lowest:g}% overall",
+            title="Fraction kept per layer",
+        )
+    return paths
+
+
+def _seed_option(method: str, seed: int) -> dict:
+    """``{"seed": seed}`` for criteria that draw randomly (random scores, data samples)."""
+    implementation = REGISTRY[method].implementation
+    return {"seed": seed} if "seed" in inspect.signature(implementation).parameters else {}

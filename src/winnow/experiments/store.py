@@ -1,0 +1,575 @@
+"""The run store: typed configurations, their ids, run directories and one SQLite database.
+
+A run is identified by ``(experiment, run_id)`` where ``run_id = config_id(config)``, a hash
+of the configuration's non-default fields (OpenLTH's scheme, Frankle et al.): adding a field
+with a default keeps every old id valid. Its files live in ``<root>/<experiment>/<run_id>/``;
+its status and its metrics live in ``<root>/winnow.sqlite`` (WAL mode, safe for several
+writing processes), so a sweep can be queried and its report rebuilt after the fact.
+
+Every file is written to a temporary name and renamed (:func:`winnow.masks.atomic_write_bytes`),
+so a crash never leaves half a file behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from winnow.masks import atomic_write_bytes
+
+STATUSES = ("running", "done", "failed", "interrupted")
+"""The statuses a run can have in the store."""
+
+DATABASE_NAME = "winnow.sqlite"
+TENSOR_FORMAT = "winnow.tensors"
+RESERVED_KEYS = frozenset({"run_id", "kind", "step"})
+"""Keys that :meth:`RunStore.records` adds to every row; a record's data may not use them."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    experiment TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    PRIMARY KEY (experiment, run_id)
+);
+CREATE TABLE IF NOT EXISTS records (
+    experiment TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (experiment, run_id, kind, step)
+);
+"""
+
+
+# -- configurations --------------------------------------------------------------------------
+def _walk(value: Any, where: str, dataclass: Callable[[Any, str], Any], finite: bool) -> Any:
+    """``value`` as plain JSON data: tuples become lists, numpy/torch scalars Python numbers.
+
+    ``dataclass`` converts a dataclass instance met on the way. With ``finite``, NaN and
+    infinities become ``None`` (JSON has no such numbers).
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return None if finite and not math.isfinite(value) else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclass(value, where)
+    if isinstance(value, (Tensor, np.ndarray)):
+        return _walk(value.tolist(), where, dataclass, finite)
+    if isinstance(value, enum.Enum):
+        return _walk(value.value, where, dataclass, finite)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_walk(v, f"{where}[{i}]", dataclass, finite) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: key {key!r} is not a string")
+            out[key] = _walk(item, f"{where}.{key}", dataclass, finite)
+        return out
+    raise TypeError(f"{where}: a {type(value).__name__} cannot be stored as JSON")
+
+
+def _no_dataclass(value: Any, where: str) -> Any:
+    raise TypeError(f"{where}: a {type(value).__name__} cannot be stored as JSON")
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Data for a record or a JSON file: NaN and infinities become ``None``."""
+    return _walk(value, where, _no_dataclass, finite=True)
+
+
+def _check_config(config: Any) -> None:
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"a configuration is a dataclass instance, not {type(config).__name__}")
+
+
+def _config_fields(config: Any) -> list[dataclasses.Field]:
+    """The fields a configuration is built from (``init=False`` fields are derived ones)."""
+    return [f for f in dataclasses.fields(config) if f.init]
+
+
+def _non_default(config: Any, where: str) -> dict[str, Any]:
+    """The fields whose value differs from their default (nested configurations likewise)."""
+
+    def canonical(value: Any, at: str) -> Any:
+        return _walk(value, at, _identity, finite=False)
+
+    out = {}
+    for f in _config_fields(config):
+        at = f"{where}.{f.name}"
+        value = canonical(getattr(config, f.name), at)
+        if f.default is not dataclasses.MISSING:
+            default = canonical(f.default, at)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = canonical(f.default_factory(), at)
+        else:
+            out[f.name] = value
+            continue
+        if value != default:
+            out[f.name] = value
+    return out
+
+
+def _identity(config: Any, where: str) -> dict[str, Any]:
+    """What identifies a configuration: its class name and its non-default fields."""
+    return {"type": type(config).__name__, "fields": _non_default(config, where)}
+
+
+def config_id(config: Any) -> str:
+    """The id of a configuration: 12 hex digits of a SHA-256 of its non-default fields.
+
+    ``config`` is a (frozen) dataclass instance. The hash covers the canonical JSON (sorted
+    keys, compact) of ``{"type": class name, "fields": {name: value}}`` with only the fields
+    whose value differs from their default (nested dataclasses likewise), so adding a field
+    with a default keeps old ids valid, and two configurations that differ in any non-default
+    value get different ids. Tuples count as lists.
+    """
+    _check_config(config)
+    text = json.dumps(
+        _identity(config, type(config).__name__), sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Every field of a configuration as plain JSON data (nested dataclasses as dicts)."""
+    _check_config(config)
+    return _all_fields(config, type(config).__name__)
+
+
+def _all_fields(config: Any, where: str) -> dict[str, Any]:
+    return {
+        f.name: _walk(getattr(config, f.name), f"{where}.{f.name}", _all_fields, finite=False)
+        for f in _config_fields(config)
+    }
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass type a field annotation names (directly or as ``X | None``), if any."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """Build a configuration of class ``cls`` from :func:`config_to_dict`'s output.
+
+    Missing keys take their defaults; an unknown key raises ``ValueError`` naming it. Lists
+    come back as tuples (configurations are frozen and hashable), and a field annotated with a
+    dataclass type is rebuilt from its nested dict. The class's own validation runs as usual.
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    fields = {f.name: f for f in _config_fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(map(repr, unknown))}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):
+        hints = {}
+    kwargs = {}
+    for name, value in data.items():
+        nested = _dataclass_in(hints.get(name))
+        if nested is not None and isinstance(value, Mapping):
+            kwargs[name] = config_from_dict(nested, value)
+        else:
+            kwargs[name] = _tuples(value)
+    return cls(**kwargs)
+
+
+def _check_name(name: str, what: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"{what} {name!r} is not a valid directory name")
+
+
+# -- tensor files ----------------------------------------------------------------------------
+def _tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over each tensor's name, dtype, shape and bytes, in sorted name order."""
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        sha.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode("utf-8"))
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()
+
+
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Tensor],
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``tensors`` to a safetensors file, atomically, with a checksum; return the path.
+
+    The safetensors metadata holds a SHA-256 of the tensors (names, dtypes, shapes, bytes) and
+    ``metadata`` (JSON-able) for :func:`tensor_metadata`. Tensors are copied to the CPU.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    cpu = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
+        cpu[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    header = {
+        "format": TENSOR_FORMAT,
+        "sha256": _tensor_digest(cpu),
+        "metadata": json.dumps(_jsonable(dict(metadata or {}), "metadata")),
+    }
+    atomic_write_bytes(path, save(cpu, metadata=header))
+    return path
+
+
+def _open_tensors(path: Path, read: bool) -> tuple[dict[str, str], dict[str, Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no tensor file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if read else {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    if header.get("format") != TENSOR_FORMAT or "sha256" not in header:
+        raise ValueError(f"{path}: not a winnow tensor file (no checksum in its metadata)")
+    return header, tensors
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a file written by :func:`save_tensors`, verifying its checksum; never unpickles.
+
+    A truncated or corrupted file, a checksum mismatch, or a file that is not a winnow tensor
+    file raises ``ValueError`` naming the file.
+    """
+    path = Path(path)
+    header, tensors = _open_tensors(path, read=True)
+    if _tensor_digest(tensors) != header["sha256"]:
+        raise ValueError(f"{path}: checksum mismatch (the file is corrupted)")
+    return tensors
+
+
+def tensor_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata`` saved with :func:`save_tensors` (reads the header only, no checksum)."""
+    path = Path(path)
+    header, _ = _open_tensors(path, read=False)
+    try:
+        return json.loads(header.get("metadata", "{}"))
+    except ValueError:
+        raise ValueError(f"{path}: invalid metadata") from None
+
+
+# -- the store -------------------------------------------------------------------------------
+class RunStore:
+    """Runs, their files and their records under one results root.
+
+    ``root/winnow.sqlite`` holds the ``runs`` table (one row per run: configuration, status,
+    times, error) and the ``records`` table (one JSON row per ``(run, kind, step)``); run files
+    live in ``root/<experiment>/<run_id>/``. The database is in WAL mode and every write is a
+    single autocommitted statement, so several processes (and threads) can write at once
+    without losing a row. A store can be pickled to another process; it reconnects there.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.database = self.root / DATABASE_NAME
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.root)!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"])
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        """This process's connection (opened on first use, reopened after a fork)."""
+        with self._lock:
+            if self._conn is None or self._pid != os.getpid():
+                conn = sqlite3.connect(
+                    self.database, timeout=60, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn, self._pid = conn, os.getpid()
+            yield self._conn
+
+    def close(self) -> None:
+        """Close this process's database connection (the next operation reopens it)."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def run_dir(self, experiment: str, run_id: str) -> Path:
+        """The directory of a run, ``root/experiment/run_id`` (created)."""
+        _check_name(experiment, "experiment")
+        _check_name(run_id, "run id")
+        path = self.root / experiment / run_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def begin(self, experiment: str, config: Any) -> Run:
+        """Start (or restart) the run of ``config`` in ``experiment``; its status is 'running'.
+
+        Writes ``config.json`` into the run directory, then upserts the run's row. A run that
+        already exists keeps its ``started`` time and its records (so it can resume).
+        """
+        run_id = config_id(config)
+        directory = self.run_dir(experiment, run_id)
+        fields = config_to_dict(config)
+        document = {
+            "experiment": experiment,
+            "run_id": run_id,
+            "type": type(config).__name__,
+            "config": fields,
+        }
+        atomic_write_bytes(directory / "config.json", _dumps(document, indent=2).encode())
+        with self._db() as db:
+            db.execute(
+                "INSERT INTO runs (experiment, run_id, config, status, started) "
+                "VALUES (?, ?, ?, 'running', ?) "
+                "ON CONFLICT (experiment, run_id) DO UPDATE SET config = excluded.config, "
+                "status = 'running', finished = NULL, error = NULL",
+                (experiment, run_id, _dumps(fields), time.time()),
+            )
+        return Run(self, experiment, run_id, config, directory)
+
+    def status(self, experiment: str, run_id: str) -> str | None:
+        """The status of a run ('running', 'done', 'failed', 'interrupted'), or None."""
+        with self._db() as db:
+            row = db.execute(
+                "SELECT status FROM runs WHERE experiment = ? AND run_id = ?",
+                (experiment, run_id),
+            ).fetchone()
+        return row[0] if row else None
+
+    def _set_status(self, experiment: str, run_id: str, status: str, error: str | None) -> None:
+        with self._db() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, finished = ?, error = ? "
+                "WHERE experiment = ? AND run_id = ?",
+                (status, time.time(), error, experiment, run_id),
+            )
+
+    def runs(self, experiment: str, status: str | None = None) -> list[dict[str, Any]]:
+        """The runs of an experiment (optionally with one status), oldest first.
+
+        Each is a dict with ``run_id``, ``status``, ``config`` (a dict), ``started``,
+        ``finished`` (Unix times) and ``error``.
+        """
+        _check_status(status)
+        query = "SELECT run_id, status, config, started, finished, error FROM runs "
+        query += "WHERE experiment = ?" + (" AND status = ?" if status else "")
+        query += " ORDER BY started, run_id"
+        params = (experiment, status) if status else (experiment,)
+        with self._db() as db:
+            rows = db.execute(query, params).fetchall()
+        keys = ("run_id", "status", "config", "started", "finished", "error")
+        return [dict(zip(keys, (*r[:2], json.loads(r[2]), *r[3:]), strict=True)) for r in rows]
+
+    def records(
+        self, experiment: str, kind: str | None = None, status: str | None = "done"
+    ) -> list[dict[str, Any]]:
+        """Every record of an experiment, as flat rows ready for :func:`aggregate`.
+
+        Each row is the record's data plus ``run_id``, ``kind`` and ``step``, plus the run's
+        configuration fields under their own names where the data has no such key. ``kind``
+        filters on the kind; ``status`` keeps the runs with that status (None: any status).
+        Ordered by run start, run id, kind and step.
+        """
+        _check_status(status)
+        query = (
+            "SELECT r.run_id, r.kind, r.step, r.data, u.config FROM records AS r "
+            "JOIN runs AS u ON r.experiment = u.experiment AND r.run_id = u.run_id "
+            "WHERE r.experiment = ?"
+        )
+        params: list[Any] = [experiment]
+        if kind is not None:
+            query += " AND r.kind = ?"
+            params.append(kind)
+        if status is not None:
+            query += " AND u.status = ?"
+            params.append(status)
+        query += " ORDER BY u.started, r.run_id, r.kind, r.step"
+        with self._db() as db:
+            rows = db.execute(query, params).fetchall()
+        configs: dict[str, dict[str, Any]] = {}
+        out = []
+        for run_id, kind_, step, data, config in rows:
+            row = {"run_id": run_id, "kind": kind_, "step": step, **json.loads(data)}
+            if run_id not in configs:
+                configs[run_id] = json.loads(config)
+            for key, value in configs[run_id].items():
+                row.setdefault(key, value)
+            out.append(row)
+        return out
+
+    def experiments(self) -> list[str]:
+        """The names of the experiments with at least one run, sorted."""
+        with self._db() as db:
+            rows = db.execute("SELECT DISTINCT experiment FROM runs ORDER BY experiment")
+            return [r[0] for r in rows.fetchall()]
+
+
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
+
+
+def _dumps(value: Any, indent: int | None = None) -> str:
+    """Strict JSON (no NaN), compact unless indented."""
+    separators = (",", ":") if indent is None else None
+    return json.dumps(value, allow_nan=False, indent=indent, separators=separators)
+
+
+class Run:
+    """One run of an experiment, as returned by :meth:`RunStore.begin`.
+
+    ``config`` is the configuration the run function reads; ``dir`` its directory. Records
+    (:meth:`record`) go to the database; files (:meth:`save_json`, :meth:`save_tensors`, or any
+    writer given :meth:`path`) go to the directory, atomically.
+
+    To resume inside a run, write a step's files first and record the step last: the record is
+    the commit point, and :meth:`completed` lists the steps already committed.
+    """
+
+    def __init__(self, store: RunStore, experiment: str, run_id: str, config: Any, dir: Path):
+        self.store = store
+        self.experiment = experiment
+        self.run_id = run_id
+        self.config = config
+        self.dir = dir
+
+    def __repr__(self) -> str:
+        return f"Run({self.experiment!r}, {self.run_id!r})"
+
+    def record(self, kind: str, step: int, data: Mapping[str, Any]) -> None:
+        """Store ``data`` as the record ``(kind, step)`` of this run, replacing any earlier one.
+
+        Values must be JSON-able; numpy and torch scalars (and small arrays) are converted to
+        Python numbers, and NaN or infinite floats are stored as null. The keys ``run_id``,
+        ``kind`` and ``step`` are reserved.
+        """
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"a record kind is a non-empty string, not {kind!r}")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"a record step is an integer, not {type(step).__name__}")
+        clash = RESERVED_KEYS.intersection(data)
+        if clash:
+            raise ValueError(f"record keys {sorted(clash)} are reserved")
+        text = _dumps(_jsonable(data, f"record {kind!r} step {step}"))
+        with self.store._db() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO records (experiment, run_id, kind, step, data) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (self.experiment, self.run_id, kind, int(step), text),
+            )
+
+    def completed(self, kind: str) -> dict[int, dict[str, Any]]:
+        """The records of ``kind`` already stored for this run, by step (for resuming)."""
+        with self.store._db() as db:
+            rows = db.execute(
+                "SELECT step, data FROM records WHERE experiment = ? AND run_id = ? AND kind = ? "
+                "ORDER BY step",
+                (self.experiment, self.run_id, kind),
+            ).fetchall()
+        return {step: json.loads(data) for step, data in rows}
+
+    def finish(self) -> None:
+        """Mark the run 'done'."""
+        self.store._set_status(self.experiment, self.run_id, "done", None)
+
+    def fail(self, error: str) -> None:
+        """Mark the run 'failed' with an error message."""
+        self.store._set_status(self.experiment, self.run_id, "failed", error)
+
+    def interrupted(self) -> None:
+        """Mark the run 'interrupted' (stopped by the user; a rerun resumes it)."""
+        self.store._set_status(self.experiment, self.run_id, "interrupted", None)
+
+    def path(self, name: str) -> Path:
+        """The path of a file of this run (``name`` may hold subfolders, not leave the dir)."""
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{name!r} is not a path inside the run directory")
+        return self.dir / name
+
+    def has(self, name: str) -> bool:
+        """Whether the run has a file called ``name``."""
+        return self.path(name).is_file()
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        """Write ``obj`` as JSON (NaN as null), atomically; return the path."""
+        path = self.path(name)
+        text = _dumps(_jsonable(obj, name), indent=2)
+        atomic_write_bytes(path, text.encode("utf-8"))
+        return path
+
+    def load_json(self, name: str) -> Any:
+        """Read a JSON file of this run."""
+        return json.loads(self.path(name).read_text(encoding="utf-8"))
+
+    def save_tensors(
+        self,
+        name: str,
+        tensors: Mapping[str, Tensor],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write tensors to a checksummed safetensors file of this run (see
+        :func:`save_tensors`; :func:`tensor_metadata` reads ``metadata`` back)."""
+        return save_tensors(self.path(name), tensors, metadata)
+
+    def load_tensors(self, name: str) -> dict[str, Tensor]:
+        """Read a tensor file of this run, verifying its checksum (see :func:`load_tensors`)."""
+        return load_tensors(self.path(name))
