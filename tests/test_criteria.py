@@ -34,12 +34,14 @@ def test_snip_equals_abs_grad_times_weight(data):
         torch.testing.assert_close(scores[name], (g * p).abs(), rtol=1e-5, atol=1e-8)
 
 
-def test_grasp_hessian_gradient_product_matches_central_difference(data):
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_grasp_hessian_gradient_product_matches_central_difference(data, chunks):
     model = small_mlp().double()
-    x, y = data.x_train[:50].double(), data.y_train[:50]
+    x, y = data.x_train[:48].double(), data.y_train[:48]
     params = dict(model.named_parameters())
     weights = {n: p for n, p in params.items() if n.endswith("weight")}
-    g, hg = hessian_gradient_product(model, weights, [(x, y)], temperature=2.0)
+    batches = list(zip(x.chunk(chunks), y.chunk(chunks), strict=True))
+    g, hg = hessian_gradient_product(model, weights, batches, temperature=2.0)
 
     def grad_at(shift):
         with torch.no_grad():

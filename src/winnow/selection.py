@@ -50,86 +50,93 @@ EXACT_BELOW = 1 << 20
 SAMPLE_SIZE = 1 << 16
 
 
-def _kth_largest_exact(pieces: list[Tensor], k: int) -> float:
-    flat = torch.cat([p.flatten() for p in pieces])
-    return float(torch.kthvalue(flat.cpu(), flat.numel() - k + 1).values)
+def _count(mask: Tensor) -> int:
+    return int(torch.count_nonzero(mask))  # much faster than bool.sum(), which widens to int64
 
 
-def _kth_largest(pieces: list[Tensor], k: int) -> float:
-    """The k-th largest value (1-based) over several tensors, exactly.
+def _kth_largest_exact(pieces: list[Tensor], alive: list[Tensor], k: int) -> float:
+    flat = torch.cat([p[a].cpu() for p, a in zip(pieces, alive, strict=True)])
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
 
-    Large inputs are not concatenated or sorted: a seeded sample of 65,536 entries brackets the
-    answer between two sample quantiles (4 standard deviations of the sampling error on each
-    side), one pass counts the values above the bracket and gathers the few inside it, and the
-    answer is found among those. If the bracket misses (rare), the exact method runs instead.
+
+def _kth_largest(pieces: list[Tensor], alive: list[Tensor], k: int) -> float:
+    """The k-th largest value (1-based) among the alive entries of several tensors, exactly.
+
+    Large inputs are never concatenated or sorted: a seeded sample of about 65,536 alive
+    entries brackets the answer between two sample quantiles (4 standard deviations of the
+    sampling error on each side); one pass counts the values above the bracket and gathers the
+    few inside it, and the answer is found among those. If the bracket misses (rare), the exact
+    method runs instead.
     """
-    sizes = [p.numel() for p in pieces]
-    total = sum(sizes)
+    counts = [_count(a) for a in alive]
+    total = sum(counts)
     if total <= EXACT_BELOW:
-        return _kth_largest_exact(pieces, k)
+        return _kth_largest_exact(pieces, alive, k)
+    sizes = [p.numel() for p in pieces]
+    draws = min(int(SAMPLE_SIZE * sum(sizes) / total) + 1, 64 * SAMPLE_SIZE)
     gen = torch.Generator().manual_seed(total ^ k)
-    positions = torch.randint(total, (SAMPLE_SIZE,), generator=gen)
+    positions = torch.randint(sum(sizes), (draws,), generator=gen)
     offsets = torch.tensor([0, *sizes]).cumsum(0)
     owner = torch.bucketize(positions, offsets[1:], right=True)
-    sample = (
-        torch.cat(
-            [
-                pieces[i].flatten()[(positions[owner == i] - offsets[i]).to(pieces[i].device)].cpu()
-                for i in range(len(pieces))
-            ]
-        )
-        .sort()
-        .values
-    )
+    drawn = []
+    for i, (piece, keep) in enumerate(zip(pieces, alive, strict=True)):
+        local = (positions[owner == i] - offsets[i]).to(piece.device)
+        drawn.append(piece.flatten()[local][keep.flatten()[local]].cpu())
+    sample = torch.cat(drawn).sort().values
+    if sample.numel() < 1024:
+        return _kth_largest_exact(pieces, alive, k)
     fraction_above = k / total
-    rank = SAMPLE_SIZE * (1 - fraction_above)
-    margin = 4 * math.sqrt(SAMPLE_SIZE * fraction_above * (1 - fraction_above)) + 8
+    rank = sample.numel() * (1 - fraction_above)
+    margin = 4 * math.sqrt(sample.numel() * fraction_above * (1 - fraction_above)) + 8
     lo = float(sample[max(int(rank - margin), 0)])
-    hi = float(sample[min(int(rank + margin), SAMPLE_SIZE - 1)])
-    above = sum(int((p > hi).sum()) for p in pieces)
-    band = torch.cat([p[(p >= lo) & (p <= hi)].cpu() for p in pieces])
+    hi = float(sample[min(int(rank + margin), sample.numel() - 1)])
+    above = sum(_count((p > hi).logical_and_(a)) for p, a in zip(pieces, alive, strict=True))
+    band = torch.cat(
+        [
+            p[(p >= lo).logical_and_(p <= hi).logical_and_(a)].cpu()
+            for p, a in zip(pieces, alive, strict=True)
+        ]
+    )
     need = k - above
     if need <= 0 or need > band.numel():
-        return _kth_largest_exact(pieces, k)
+        return _kth_largest_exact(pieces, alive, k)
     return float(torch.kthvalue(band, band.numel() - need + 1).values)
 
 
-def _top_k(pieces: list[Tensor], k: int) -> list[Tensor]:
-    """Boolean masks (one per tensor) of the k largest entries over all ``pieces`` together.
+def _top_k(pieces: list[Tensor], alive: list[Tensor], k: int) -> list[Tensor]:
+    """Boolean masks (one per tensor) of the k largest alive entries of ``pieces`` together.
 
-    Entries equal to -inf are never chosen unless nothing else is left; ties at the threshold
-    are broken by position (first tensor first, then flat index), so exactly k are chosen.
+    Ties at the threshold are broken by position (first tensor first, then flat index), so
+    exactly k entries are chosen; dead entries never are.
     """
-    total = sum(p.numel() for p in pieces)
+    total = sum(_count(a) for a in alive)
     if k <= 0:
         return [torch.zeros_like(p, dtype=torch.bool) for p in pieces]
     if k > total:
         raise ValueError(f"cannot keep {k} of {total} weights")
-    threshold = _kth_largest(pieces, k)
-    keep = [p > threshold for p in pieces]
-    missing = k - sum(int(m.sum()) for m in keep)
-    for piece, chosen in zip(pieces, keep, strict=True):
+    threshold = _kth_largest(pieces, alive, k)
+    keep = [(p > threshold).logical_and_(a) for p, a in zip(pieces, alive, strict=True)]
+    missing = k - sum(_count(m) for m in keep)
+    for piece, live, chosen in zip(pieces, alive, keep, strict=True):
         if missing <= 0:
             break
-        ties = torch.nonzero(piece.flatten() == threshold).flatten()[:missing]
+        ties = torch.nonzero((piece == threshold).logical_and_(live).flatten()).flatten()
+        ties = ties[:missing]
         chosen.view(-1)[ties] = True
         missing -= ties.numel()
     return keep
 
 
 def _candidates(name: str, scores: Tensor, alive: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Scores in a common float dtype: dead weights score -inf, strictly below every alive
-    weight (an alive NaN or -inf scores the lowest finite value, kept only if needed)."""
+    """Scores in a common float dtype; NaN and -inf become the lowest finite value (kept only
+    when nothing else is left)."""
     if alive is not None and alive.shape != scores.shape:
         raise ValueError(
             f"scores for {name!r} have shape {tuple(scores.shape)}, the mask has "
             f"{tuple(alive.shape)}"
         )
     lowest = torch.finfo(dtype).min
-    values = torch.nan_to_num(scores.detach().to(dtype), nan=lowest, neginf=lowest)
-    if alive is not None:
-        values = values.masked_fill(~alive.to(values.device), -math.inf)
-    return values
+    return torch.nan_to_num(scores.detach().to(dtype), nan=lowest, neginf=lowest)
 
 
 def select(
@@ -170,7 +177,10 @@ def select(
         for n, s in scores.items()
     }
     alive = {
-        n: int(current[n].sum()) if current is not None else s.numel() for n, s in clean.items()
+        n: (
+            current[n].to(s.device) if current is not None else torch.ones_like(s, dtype=torch.bool)
+        )
+        for n, s in clean.items()
     }
 
     if isinstance(density, Mapping):
@@ -190,9 +200,10 @@ def select(
         return _global(clean, round(value * total), alive, min_per_layer)
     out = {}
     for name, values in clean.items():
-        k = max(targets[name], min(min_per_layer, alive[name]))
-        _check_alive(k, alive[name], repr(name))
-        out[name] = _top_k([values], k)[0]
+        count = _count(alive[name])
+        k = max(targets[name], min(min_per_layer, count))
+        _check_alive(k, count, repr(name))
+        out[name] = _top_k([values], [alive[name]], k)[0]
     return Masks(out)
 
 
@@ -204,15 +215,18 @@ def _check_alive(k: int, alive: int, what: str) -> None:
         )
 
 
-def _global(clean: dict[str, Tensor], k: int, alive: dict[str, int], min_per_layer: int) -> Masks:
-    _check_alive(k, sum(alive.values()), "the model")
+def _global(
+    clean: dict[str, Tensor], k: int, alive: dict[str, Tensor], min_per_layer: int
+) -> Masks:
+    _check_alive(k, sum(_count(a) for a in alive.values()), "the model")
     reserved = {}
     if min_per_layer:
         for name, values in clean.items():
-            reserved[name] = _top_k([values], min(min_per_layer, alive[name]))[0]
-            clean[name] = values.masked_fill(reserved[name], -math.inf)
-        k = max(k - sum(int(r.sum()) for r in reserved.values()), 0)
-    keep = _top_k(list(clean.values()), k)
+            count = min(min_per_layer, _count(alive[name]))
+            reserved[name] = _top_k([values], [alive[name]], count)[0]
+            alive[name] = alive[name] & ~reserved[name]
+        k = max(k - sum(_count(r) for r in reserved.values()), 0)
+    keep = _top_k(list(clean.values()), list(alive.values()), k)
     return Masks(
         {
             name: chosen | reserved[name] if reserved else chosen

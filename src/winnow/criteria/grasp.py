@@ -16,13 +16,22 @@ def hessian_gradient_product(
     """``(g, Hg)``: the loss gradient and the Hessian-gradient product at the current weights.
 
     g = ∂L/∂θ is computed once (logits divided by ``temperature``); Hg = ∂(gᵀ·stopgrad(g))/∂θ
-    is obtained by differentiating the inner product of a second, differentiable gradient with
-    the fixed g (Pearlmutter's trick), batch by batch, with the same weighting as g.
+    is obtained by differentiating the inner product of a differentiable gradient with the fixed
+    g (Pearlmutter's trick). With one batch, a single forward pass serves both; with several, g
+    is accumulated over all of them first, then Hg batch by batch with the same weighting.
     """
+    weights = list(params.values())
+    if len(batches) == 1:  # one forward pass serves both gradients
+        x, y = batches[0]
+        loss = nn.functional.cross_entropy(work(x) / temperature, y)
+        grad = torch.autograd.grad(loss, weights, create_graph=True)
+        fixed = {n: g.detach() for n, g in zip(params, grad, strict=True)}
+        inner = sum((g * fixed[n]).sum() for n, g in zip(params, grad, strict=True))
+        hg = dict(zip(params, torch.autograd.grad(inner, weights), strict=True))
+        return fixed, hg
     fixed = loss_gradient(work, params, batches, temperature)
     total = sum(len(y) for _, y in batches)
     hg = {n: torch.zeros_like(p) for n, p in params.items()}
-    weights = list(params.values())
     for x, y in batches:
         loss = nn.functional.cross_entropy(work(x) / temperature, y) * (len(y) / total)
         grad = torch.autograd.grad(loss, weights, create_graph=True)
