@@ -143,20 +143,40 @@ def line_plot(
 
     Points are drawn in order of x; a point whose y is None is left out, a None yerr draws no
     bar. ``logx`` puts x on a log scale; ``reference`` adds a dashed horizontal line (the dense
-    model's accuracy, say) labelled ``reference_label``. Written atomically; returns the path.
+    model's accuracy, say) labelled ``reference_label``. A label of the form ``"name (variant)"``
+    is drawn dashed in the colour of ``"name"`` (a control beside its method). Written
+    atomically; returns the path.
     """
     fig, ax = _figure(title)
+    colours: dict[str, str] = {}
+    ticks: set[float] = set()
     for label, points in series.items():
         kept = sorted((p for p in points if p[1] is not None), key=lambda p: p[0])
         if not kept:
             continue
         xs, ys = [p[0] for p in kept], [p[1] for p in kept]
         errs = [0.0 if p[2] is None else p[2] for p in kept]
-        ax.errorbar(xs, ys, yerr=errs, label=label, marker="o", markersize=3, capsize=3)
+        base, variant = label.split(" (", 1) if " (" in label else (label, "")
+        line = ax.errorbar(
+            xs,
+            ys,
+            yerr=errs,
+            label=label,
+            marker="o",
+            markersize=3,
+            capsize=3,
+            color=colours.get(base),
+            linestyle="--" if variant else "-",
+        )
+        colours.setdefault(base, line.lines[0].get_color())
+        ticks.update(xs)
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label=reference_label)
     if logx:
         ax.set_xscale("log")
+        if 0 < len(ticks) <= 12:
+            ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+            ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
