@@ -206,6 +206,8 @@ def test_prune_at_init_errors(data):
         prune_at_init(model, "magnitude", 1.2)
     with pytest.raises(ValueError, match="no prunable layer"):
         prune_at_init(nn.Sequential(nn.ReLU()), "magnitude", 0.1)
+    with pytest.raises(ValueError, match="unknown bn_mode 'test'"):
+        prune_at_init(model, "snip", 0.1, data, bn_mode="test")
 
 
 def test_iterative_from_existing_masks(data):

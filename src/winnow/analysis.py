@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from winnow.criteria.data import DataSource, model_device, sample_batches
+from winnow.criteria.data import DataSource, model_device, sample_batches, set_bn_mode
 from winnow.criteria.snip import loss_gradient
 from winnow.masks import Masks, prunable_parameters
 
@@ -39,7 +39,7 @@ def gradient_norm(
     gradient norm of the pruned network, as GraSP reports it). ``model`` is not changed.
     """
     work = copy.deepcopy(model)
-    work.train(bn_mode == "train")
+    set_bn_mode(work, bn_mode)
     names = list(masks) if masks is not None else None
     params = prunable_parameters(work, names)
     if masks is not None:

@@ -69,3 +69,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+BN_MODES = ("train", "eval")
+
+
+def set_bn_mode(model: torch.nn.Module, bn_mode: str) -> None:
+    """Put ``model`` in train mode (BatchNorm uses batch statistics) or eval mode (running
+    statistics) for scoring; ``ValueError`` for any other value."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown bn_mode {bn_mode!r}; choose one of {BN_MODES}")
+    model.train(bn_mode == "train")

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from winnow.criteria._registry import register
-from winnow.criteria.data import model_device, sample_batches
+from winnow.criteria.data import model_device, sample_batches, set_bn_mode
 from winnow.criteria.snip import loss_gradient
 
 
@@ -64,7 +64,7 @@ def grasp(
     ``samples`` drawn without balancing; g uses logits divided by ``temperature`` (200 in the
     paper). BatchNorm uses batch statistics by default (``bn_mode="train"``).
     """
-    work.train(bn_mode == "train")
+    set_bn_mode(work, bn_mode)
     per_class = None if samples is not None else samples_per_class
     batches = sample_batches(
         data,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from winnow.criteria._registry import register
-from winnow.criteria.data import model_device, sample_batches
+from winnow.criteria.data import model_device, sample_batches, set_bn_mode
 
 
 def loss_gradient(
@@ -45,7 +45,7 @@ def snip(
     the ranking). ``bn_mode``: BatchNorm uses batch statistics (``"train"``, the default, as the
     reference code) or running statistics (``"eval"``); the caller's model is never changed.
     """
-    work.train(bn_mode == "train")
+    set_bn_mode(work, bn_mode)
     batches = sample_batches(data, samples, batch_size, seed=seed, device=model_device(work))
     grads = loss_gradient(work, params, batches)
     return {n: (grads[n] * p.detach()).abs() for n, p in params.items()}
