@@ -218,3 +218,47 @@ def test_iterative_from_existing_masks(data):
     assert (tenth & ~half).num_kept() == 0  # nothing revived
     with pytest.raises(ValueError, match="above the starting mask"):
         prune_at_init(model, "magnitude", 0.6, masks=half)
+
+
+class UserNet(nn.Module):
+    """A user's own module: conv, BatchNorm, a residual addition, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + torch.relu(self.branch(h))
+        return self.head(h.mean((2, 3)))
+
+
+def _inputs(shape, classes, n=8):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, *shape, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_every_criterion_scores_every_zoo_model(name):
+    one_d = name.endswith("1d")
+    shape = (1, 40) if one_d else (1, 16, 16)
+    model = models.create(name, input_size=40 if one_d else 16, num_classes=3)
+    data = _inputs(shape, 3)
+    for method in criteria.available():
+        scores = criteria.score(model, method, data)
+        params = prunable_parameters(model)
+        assert list(scores) == list(params)
+        for n, p in params.items():
+            assert scores[n].shape == p.shape and bool(torch.isfinite(scores[n]).all()), (method, n)
+
+
+def test_criteria_on_a_users_module():
+    model = UserNet()
+    data = _inputs((1, 8, 8), 3)
+    for method in criteria.available():
+        masks = prune_at_init(model, method, 0.3, data, rounds=2)
+        assert list(masks) == ["stem.weight", "branch.weight", "head.weight"]
+        assert masks.num_kept() == round(0.3 * masks.numel())

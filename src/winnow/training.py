@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -277,18 +277,3 @@ def _progress_bar(total: int, description: str, enabled: bool):
     return tqdm(
         total=total, desc=description, disable=None if enabled else True, leave=False, unit="it"
     )
-
-
-def state_at(result: TrainResult, iteration: int) -> dict[str, Tensor]:
-    """The weights saved at ``iteration``; ``KeyError`` naming the saved iterations if absent."""
-    if iteration not in result.checkpoints:
-        raise KeyError(
-            f"no weights saved at iteration {iteration}; saved: {sorted(result.checkpoints)}"
-        )
-    return result.checkpoints[iteration]
-
-
-def parameters_by_name(model: nn.Module, names: Sequence[str]) -> list[Tensor]:
-    """The model's parameters for ``names``, in that order."""
-    params = dict(model.named_parameters())
-    return [params[n] for n in names]
