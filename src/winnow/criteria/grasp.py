@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from winnow.criteria._registry import register
 from winnow.criteria.data import model_device, sample_batches, set_bn_mode
-from winnow.criteria.snip import loss_gradient
+from winnow.criteria.snip import loss_gradient, weighted_losses
 
 
 def hessian_gradient_product(
@@ -30,10 +30,8 @@ def hessian_gradient_product(
         hg = dict(zip(params, torch.autograd.grad(inner, weights), strict=True))
         return fixed, hg
     fixed = loss_gradient(work, params, batches, temperature)
-    total = sum(len(y) for _, y in batches)
     hg = {n: torch.zeros_like(p) for n, p in params.items()}
-    for x, y in batches:
-        loss = nn.functional.cross_entropy(work(x) / temperature, y) * (len(y) / total)
+    for loss in weighted_losses(work, batches, temperature):
         grad = torch.autograd.grad(loss, weights, create_graph=True)
         inner = sum((g * fixed[n]).sum() for n, g in zip(params, grad, strict=True))
         for n, h in zip(params, torch.autograd.grad(inner, weights), strict=True):
