@@ -71,4 +71,4 @@ def synflow(
     if not math.isfinite(value):
         raise ValueError(f"synflow: R = {value} overflows {candidate}")
     grads = torch.autograd.grad(flow, list(params.values()))
-    return {n: (p.detach() * g).abs() for (n, p), g in zip(params.items(), grads, strict=True)}
+    return {n: (p.detach() * g).abs_() for (n, p), g in zip(params.items(), grads, strict=True)}
