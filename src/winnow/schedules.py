@@ -11,8 +11,7 @@ import warnings
 
 from torch import nn
 
-from winnow.criteria import REGISTRY, available
-from winnow.criteria._registry import working_copy
+from winnow.criteria._registry import lookup, working_copy
 from winnow.masks import Masks
 from winnow.selection import check_density, exponential_densities, select
 
@@ -51,10 +50,9 @@ def prune_at_init(
         density: the fraction kept, in [0, 1].
         options: passed to the criterion (for example ``samples``, ``temperature``, ``seed``).
     """
-    if method not in REGISTRY:
-        raise ValueError(f"unknown criterion {method!r}; available: {', '.join(available())}")
+    criterion = lookup(method)
     check_density(density)
-    if REGISTRY[method].needs_data and data is None:
+    if criterion.needs_data and data is None:
         raise ValueError(f"criterion {method!r} needs data")
     rounds = DEFAULT_ROUNDS.get(method, 1) if rounds is None else rounds
     if masks is not None and density > masks.density():
@@ -66,7 +64,6 @@ def prune_at_init(
     targets = [start * d for d in exponential_densities(ratio, rounds)]
     from tqdm.auto import tqdm
 
-    criterion = REGISTRY[method]
     work, params = working_copy(model, list(masks) if masks is not None else None)
     for target in tqdm(targets, desc=f"{method}", disable=None if progress else True, leave=False):
         if masks is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from winnow.criteria._registry import REGISTRY, available, register
+from winnow.criteria._registry import REGISTRY, available, lookup, register
 from winnow.criteria.basic import magnitude, random
 from winnow.criteria.data import DataSource, sample_batches
 from winnow.criteria.grasp import grasp, hessian_gradient_product
@@ -37,16 +37,16 @@ def score(
     ``masks`` (score the network with these weights pruned). ``ValueError`` for an unknown
     method.
     """
-    if method not in REGISTRY:
-        raise ValueError(f"unknown criterion {method!r}; available: {', '.join(available())}")
-    return REGISTRY[method].function(model, data, **options)
+    return lookup(method).function(model, data, **options)
 
 
 __all__ = [
+    "REGISTRY",
     "DataSource",
     "available",
     "grasp",
     "hessian_gradient_product",
+    "lookup",
     "magnitude",
     "random",
     "register",

@@ -33,6 +33,13 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
+def lookup(method: str) -> Criterion:
+    """The registered criterion ``method``; ``ValueError`` listing the names if unknown."""
+    if method not in REGISTRY:
+        raise ValueError(f"unknown criterion {method!r}; available: {', '.join(available())}")
+    return REGISTRY[method]
+
+
 def working_copy(
     model: nn.Module, names: Iterable[str] | None = None
 ) -> tuple[nn.Module, dict[str, nn.Parameter]]:
