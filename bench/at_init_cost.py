@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-import winnow.schedules as schedules
+import winnow.schedules.at_init as schedules
 from winnow import criteria, models, prunable_parameters
 from winnow.schedules import prune_at_init
 

@@ -1,6 +1,8 @@
 """The ``winnow`` command.
 
-    winnow demo                       the main job (what ``make demo`` runs)
+    winnow demo                       the main job (what ``make demo`` runs): a small
+                                      lottery-ticket experiment
+    winnow experiment lottery --rounds 18 --rate 0.2 --seeds 0,1,2
     winnow train --model lenet300 --data fashion-mnist --epochs 5
     winnow models | winnow datasets | winnow --version
 
@@ -44,9 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"winnow {winnow.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="the main job: train LeNet-300-100 and print a table")
-    demo.add_argument("--epochs", type=float, default=5)
+    demo = sub.add_parser(
+        "demo", help="the main job: a small lottery-ticket experiment on LeNet-300-100"
+    )
+    demo.add_argument("--rounds", type=int, default=6)
+    demo.add_argument("--rate", type=float, default=0.5, help="fraction pruned per round")
+    demo.add_argument("--iterations", type=int, default=2500, help="training steps per round")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--results", type=Path, default=Path("results/demo"))
     demo.add_argument("--no-progress", action="store_true")
 
     tr = sub.add_parser("train", help="train a model of the zoo on a dataset")
@@ -85,8 +92,37 @@ def _parser() -> argparse.ArgumentParser:
     ai.add_argument("--limit", type=int, help="keep only the first N examples of each split")
     ai.add_argument("--results", type=Path, default=Path("results"))
     ai.add_argument("--no-progress", action="store_true")
+    lt = exp_sub.add_parser("lottery", help="iterative magnitude pruning with its controls")
+    lt.add_argument("--model", default="lenet300")
+    lt.add_argument("--data", default="fashion-mnist")
+    lt.add_argument("--rounds", type=int, default=18, help="pruning rounds after the dense one")
+    lt.add_argument(
+        "--rate",
+        type=float,
+        default=0.2,
+        help="fraction of the remaining weights"
+        " pruned per round (fully connected layers, or all with --scope global)",
+    )
+    lt.add_argument("--conv-rate", type=float, help="rate for convolutions (default --rate)")
+    lt.add_argument(
+        "--output-rate", type=float, help="rate for the output layer (default --rate / 2)"
+    )
+    lt.add_argument("--scope", choices=("layer", "global"), default="layer")
+    lt.add_argument("--rewind", type=int, default=0, help="rewind iteration k (0: reset to θ₀)")
+    lt.add_argument("--seeds", default="0,1,2")
+    lt.add_argument("--controls", default="none,reinit,random", help="none, reinit, random")
+    budget = lt.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float, default=5, help="training per round")
+    budget.add_argument("--iterations", type=int, help="training per round, in steps")
+    lt.add_argument("--batch-size", type=int, default=60)
+    lt.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    lt.add_argument("--lr", type=float, default=1.2e-3)
+    lt.add_argument("--eval-every", type=int, default=0, help="iterations (0: every epoch)")
+    lt.add_argument("--limit", type=int, help="keep only the first N examples of each split")
+    lt.add_argument("--results", type=Path, default=Path("results"))
+    lt.add_argument("--no-progress", action="store_true")
     rep = exp_sub.add_parser("report", help="rebuild tables and plots from the run store")
-    rep.add_argument("name", choices=("at-init",))
+    rep.add_argument("name", choices=("at-init", "lottery"))
     rep.add_argument("--results", type=Path, default=Path("results"))
 
     sub.add_parser("models", help="list the model zoo")
@@ -131,17 +167,32 @@ def _train(
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    from winnow.experiments import lottery
+
     try:
-        data = datasets.load("fashion-mnist", seed=args.seed)
-        model_name = "lenet300"
+        datasets.load("fashion-mnist", limit=1)
+        model_name, data_name = "lenet300", "fashion-mnist"
     except datasets.DatasetNotFoundError as missing:
         print(f"Fashion-MNIST not found ({missing}); using MNIST-1D instead")
-        data = datasets.load("mnist1d", seed=args.seed)
-        model_name = "mlp1d"
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=60, optimizer="adam", lr=1.2e-3, seed=args.seed
+        model_name, data_name = "mlp1d", "mnist1d"
+    configs = lottery.sweep(
+        seeds=(args.seed,),
+        controls=("none", "reinit"),
+        model=model_name,
+        data=data_name,
+        rounds=args.rounds,
+        rate=args.rate,
+        iterations=args.iterations,
+        eval_every=max(1, args.iterations // 5),
     )
-    _train(model_name, data, config, "cpu", not args.no_progress)
+    print(
+        f"Lottery tickets (Frankle & Carbin 2019): {model_name} on {data_name}, "
+        f"{args.rounds} rounds pruning {args.rate:.0%} of the remaining weights per round "
+        f"(output layer {args.rate / 2:.0%}), reset to θ₀, with the random-reinit control; "
+        f"{args.iterations} steps per round. Runs in {args.results} (finished runs are reused)."
+    )
+    lottery.run(args.results, configs, progress=not args.no_progress)
+    _print_report(lottery.report(args.results))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -226,11 +277,46 @@ def _cmd_prune_at_init(args: argparse.Namespace) -> None:
         print(f"masks written to {args.out}")
 
 
-def _cmd_experiment(args: argparse.Namespace) -> None:
-    from winnow.experiments import at_init
+def _print_report(paths: dict[str, Path]) -> None:
+    print(paths["table"].read_text())
+    for name, path in paths.items():
+        print(f"{name}: {path}")
 
+
+def _cmd_lottery(args: argparse.Namespace) -> None:
+    from winnow.experiments import lottery
+
+    configs = lottery.sweep(
+        seeds=_csv(args.seeds, int),
+        controls=_csv(args.controls),
+        model=args.model,
+        data=args.data,
+        rounds=args.rounds,
+        rate=args.rate,
+        conv_rate=args.conv_rate,
+        output_rate=args.output_rate,
+        scope=args.scope,
+        rewind=args.rewind,
+        epochs=args.epochs,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        data_limit=args.limit,
+    )
+    print(f"{len(configs)} runs into {args.results} (finished runs are skipped)")
+    lottery.run(args.results, configs, progress=not args.no_progress)
+    _print_report(lottery.report(args.results))
+
+
+def _cmd_experiment(args: argparse.Namespace) -> None:
+    from winnow.experiments import at_init, lottery
+
+    if args.experiment == "lottery":
+        return _cmd_lottery(args)
     if args.experiment == "report":
-        paths = at_init.report(args.results)
+        paths = (lottery if args.name == "lottery" else at_init).report(args.results)
     else:
         configs = at_init.sweep(
             model=args.model,
@@ -245,9 +331,7 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
         print(f"{len(configs)} runs into {args.results} (finished runs are skipped)")
         at_init.run(args.results, configs, progress=not args.no_progress)
         paths = at_init.report(args.results)
-    print(paths["table"].read_text())
-    for name, path in paths.items():
-        print(f"{name}: {path}")
+    _print_report(paths)
 
 
 COMMANDS = {

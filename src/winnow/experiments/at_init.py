@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import winnow
 from winnow.analysis import gradient_norm, shuffle_within_layers
 from winnow.criteria import REGISTRY
 from winnow.criteria import available as available_criteria
+from winnow.experiments.common import load_data
 from winnow.experiments.report import aggregate, bar_plot, line_plot, write_table
 from winnow.experiments.runner import run_sweep
 from winnow.experiments.store import Run, RunStore
@@ -112,15 +112,10 @@ def sweep(
     return configs
 
 
-@lru_cache(maxsize=4)
-def _load_data(name: str, seed: int, limit: int | None) -> winnow.data.DataSplits:
-    return winnow.data.load(name, seed=seed, limit=limit)
-
-
 def execute(run: Run) -> None:
     """Run one configuration: prune (or reuse the stored masks), apply the control, train."""
     config: AtInitConfig = run.config
-    data = _load_data(config.data, config.seed, config.data_limit)
+    data = load_data(config.data, config.seed, config.data_limit)
     model = winnow.models.create_for(config.model, data, seed=config.seed)
     masks = None
     if config.method != "dense":

@@ -1,8 +1,7 @@
-"""Schedules: when to score and select.
+"""Pruning at initialisation, one-shot or iterative (SynFlow's schedule).
 
-This module holds pruning at initialisation, one-shot or iterative (SynFlow's schedule): score
-the network, keep the top weights, and repeat with the pruned network over ``rounds`` rounds
-at the densities d^(k/n).
+Score the network, keep the top weights, and repeat with the pruned network over ``rounds``
+rounds at the densities d^(k/n).
 """
 
 from __future__ import annotations

@@ -1,0 +1,398 @@
+"""The lottery-ticket experiment: iterative magnitude pruning with its controls, resumable.
+
+A ticket run (``control="none"``) follows :func:`winnow.schedules.iterative_magnitude_pruning`
+(Frankle & Carbin 2019; rewinding, Frankle et al. 2020) and writes, as it goes, θ₀
+(``init.safetensors``), the rewind weights θ_k (``rewind.safetensors``), the mask of every
+round (``masks-<r>.safetensors``) and one ``round`` record per round. Files come first and
+the record last, so a run killed at any point (even by SIGKILL) resumes at its last
+finished round and ends with exactly the results of an uninterrupted run.
+
+Controls are follow-ups that reuse a finished ticket run (OpenLTH's branches): for every
+pruned round r they train, exactly like the ticket (same schedule, from the same iteration),
+
+- ``reinit``: the ticket's mask on a fresh random initialisation;
+- ``random``: a random mask with the ticket's per-layer densities on the ticket's weights.
+
+:func:`report` rebuilds from the store the table, the accuracy and early-stop plots of the
+paper (against the percentage of weights remaining, log scale, error bars over seeds) and
+the mask overlaps (between seeds, and between consecutive rounds).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import winnow
+from winnow.analysis import shuffle_within_layers
+from winnow.experiments.common import load_data
+from winnow.experiments.report import aggregate, line_plot, write_table
+from winnow.experiments.runner import run_sweep
+from winnow.experiments.store import Run, RunStore, config_id, load_tensors
+from winnow.masks import Masks
+from winnow.schedules.lottery import iterative_magnitude_pruning, lottery_rates, train_round
+from winnow.selection import check_sparsity
+from winnow.training import TrainConfig, TrainResult
+
+EXPERIMENT = "lottery"
+CONTROLS = ("none", "reinit", "random")
+REINIT_SEED_OFFSET = 1_000_003
+LABELS = {"none": "ticket", "reinit": "random reinit", "random": "random mask"}
+
+
+@dataclass(frozen=True)
+class LotteryConfig:
+    """One run: ``rounds`` rounds of iterative magnitude pruning of ``model`` on ``data``.
+
+    ``rate`` is the fraction of the remaining weights pruned per round in fully connected
+    layers (or everywhere with ``scope="global"``); ``conv_rate`` for convolutions (default
+    ``rate``) and ``output_rate`` for the output layer (default ``rate / 2``), as in Frankle &
+    Carbin 2019. ``rewind`` is the iteration k the survivors are reset to (0: θ₀).
+    ``iterations`` overrides ``epochs`` as the training budget of each round.
+    """
+
+    model: str = "lenet300"
+    data: str = "fashion-mnist"
+    rounds: int = 18
+    rate: float = 0.2
+    conv_rate: float | None = None
+    output_rate: float | None = None
+    scope: str = "layer"
+    rewind: int = 0
+    seed: int = 0
+    control: str = "none"
+    epochs: float = 5.0
+    iterations: int | None = None
+    batch_size: int = 60
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    eval_every: int = 0
+    data_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.model not in winnow.models.available():
+            raise ValueError(f"unknown model {self.model!r}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        for rate in (self.rate, self.conv_rate, self.output_rate):
+            if rate is not None:
+                check_sparsity(rate)
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"unknown scope {self.scope!r}; choose 'layer' or 'global'")
+        if self.control not in CONTROLS:
+            raise ValueError(f"unknown control {self.control!r}; choose one of {CONTROLS}")
+        if self.rewind < 0:
+            raise ValueError(f"rewind must be >= 0, got {self.rewind}")
+        self.train_config()  # validates the training options
+
+    def train_config(self) -> TrainConfig:
+        budget = (
+            {"iterations": self.iterations}
+            if self.iterations is not None
+            else {"epochs": self.epochs}
+        )
+        return TrainConfig(
+            **budget,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            eval_every=self.eval_every,
+            seed=self.seed,
+        )
+
+    def ticket(self) -> LotteryConfig:
+        """The ticket run a control run follows."""
+        return replace(self, control="none")
+
+
+def sweep(
+    seeds: tuple[int, ...] = (0, 1, 2),
+    controls: tuple[str, ...] = ("none", "reinit", "random"),
+    **options,
+) -> list[LotteryConfig]:
+    """The runs of a sweep: for every seed, the ticket run, then its controls (in order, so
+    each control finds its ticket finished). ``options`` are :class:`LotteryConfig` fields."""
+    if "none" not in controls:
+        controls = ("none", *controls)
+    return [LotteryConfig(seed=s, control=c, **options) for s in seeds for c in controls]
+
+
+def _rates(config: LotteryConfig, model) -> float | dict[str, float]:
+    if config.scope == "global":
+        return config.rate
+    return lottery_rates(model, config.rate, config.conv_rate, config.output_rate)
+
+
+def _metrics(masks: Masks, result: TrainResult) -> dict:
+    best = result.early_stop
+    return {
+        "density": masks.density(),
+        "layer_density": masks.layer_density(),
+        "early_stop_test_acc": best["test_acc"],
+        "early_stop_val_loss": best["val_loss"],
+        "early_stop_iteration": best["iteration"],
+        "test_acc": result.final["test_acc"],
+        "val_acc": result.final["val_acc"],
+        "seconds": result.seconds,
+    }
+
+
+def _masks_file(round_: int) -> str:
+    return f"masks-{round_}.safetensors"
+
+
+def _execute_ticket(run: Run) -> None:
+    config: LotteryConfig = run.config
+    data = load_data(config.data, config.seed, config.data_limit)
+    model = winnow.models.create_for(config.model, data, seed=config.seed)
+    if run.has("init.safetensors"):
+        model.load_state_dict(run.load_tensors("init.safetensors"))
+    else:
+        run.save_tensors("init.safetensors", model.state_dict())
+    done = run.completed("round")
+    start = max(done) + 1 if done else 0
+    if start > config.rounds:
+        return
+    resume = {}
+    if start > 0:
+        resume = {
+            "masks": Masks.load(run.path(_masks_file(start))),
+            "rewind_state": run.load_tensors("rewind.safetensors"),
+            "start_round": start,
+        }
+    rounds = iterative_magnitude_pruning(
+        model,
+        data,
+        config.train_config(),
+        config.rounds,
+        _rates(config, model),
+        scope=config.scope,
+        rewind_iteration=config.rewind,
+        **resume,
+    )
+    for r in rounds:
+        if r.round == 0:
+            run.save_tensors("rewind.safetensors", r.rewind_state, {"iteration": config.rewind})
+            r.masks.save(run.path(_masks_file(0)))
+        r.next_masks.save(run.path(_masks_file(r.round + 1)))
+        run.record("round", r.round, _metrics(r.masks, r.result))
+
+
+def _execute_control(run: Run) -> None:
+    config: LotteryConfig = run.config
+    ticket = config.ticket()
+    ticket_id = config_id(ticket)
+    if run.store.status(EXPERIMENT, ticket_id) != "done":
+        raise RuntimeError(
+            f"the {config.control} control needs its ticket run {ticket_id} finished first "
+            "(run the sweep with control 'none' before the controls)"
+        )
+    ticket_dir = run.store.run_dir(EXPERIMENT, ticket_id)
+    data = load_data(config.data, config.seed, config.data_limit)
+    model = winnow.models.create_for(config.model, data, seed=config.seed)
+    if config.control == "reinit":
+        state = winnow.models.create_for(
+            config.model, data, seed=config.seed + REINIT_SEED_OFFSET
+        ).state_dict()
+    else:
+        state = load_tensors(ticket_dir / "rewind.safetensors")
+    done = run.completed("round")
+    for round_ in range(1, config.rounds + 1):
+        if round_ in done:
+            continue
+        masks = Masks.load(ticket_dir / _masks_file(round_))
+        if config.control == "random":
+            masks = shuffle_within_layers(masks, seed=config.seed * 1000 + round_)
+        _, result = train_round(
+            model,
+            state,
+            masks,
+            data,
+            config.train_config(),
+            start_iteration=config.rewind,
+            description=f"{config.control} {round_}",
+        )
+        run.record("round", round_, _metrics(masks, result))
+
+
+def execute(run: Run) -> None:
+    """Run (or resume) one configuration: the ticket's rounds, or one control's."""
+    if run.config.control == "none":
+        _execute_ticket(run)
+    else:
+        _execute_control(run)
+
+
+def run(results: str | Path, configs: list[LotteryConfig], progress: bool = True) -> RunStore:
+    """Execute the sweep into the run store at ``results`` (finished runs are skipped, a run
+    stopped halfway resumes at its last finished round)."""
+    store = RunStore(results)
+    run_sweep(store, EXPERIMENT, configs, execute, progress=progress)
+    return store
+
+
+GROUP = ("model", "data", "rate", "scope", "rewind")
+
+
+def _label(row: dict, rewinds: set[int]) -> str:
+    label = LABELS[row["control"]]
+    return f"{label}, rewind {row['rewind']}" if len(rewinds) > 1 else label
+
+
+def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Rebuild the lottery-ticket report from the store at ``results``.
+
+    Writes ``lottery.md``/``.csv`` (per control and round: percent of weights remaining, test
+    accuracy at the early-stop iteration and at the end, the early-stop iteration; mean ± std
+    over seeds), ``lottery-accuracy.png`` and ``lottery-early-stop.png`` (against percent
+    remaining, log x), and ``lottery-overlap.md``/``.csv`` (Jaccard overlap of the tickets of
+    different seeds at each round, beside the overlap expected of random masks with the same
+    per-layer densities, and of consecutive rounds). Returns the written paths by name.
+    """
+    store = RunStore(results)
+    out = Path(out) if out is not None else Path(results) / EXPERIMENT
+    rows = store.records(EXPERIMENT, kind="round")
+    if not rows:
+        raise ValueError(f"no finished {EXPERIMENT} runs in {results}")
+    table = aggregate(
+        rows,
+        by=[*GROUP, "control", "step"],
+        values=["density", "early_stop_test_acc", "test_acc", "early_stop_iteration"],
+    )
+    table.sort(key=lambda r: (*(str(r[k]) for k in GROUP), CONTROLS.index(r["control"]), r["step"]))
+    for row in table:
+        row["round"] = row["step"]
+        row["remaining %"] = 100 * row["density_mean"]
+        row["method"] = LABELS[row["control"]]
+        for key, name in (("early_stop_test_acc", "early-stop acc %"), ("test_acc", "final acc %")):
+            row[name] = f"{100 * row[f'{key}_mean']:.2f} ± {100 * row[f'{key}_std']:.2f}"
+        row["early-stop iteration"] = (
+            f"{row['early_stop_iteration_mean']:.0f} ± {row['early_stop_iteration_std']:.0f}"
+        )
+    paths = {}
+    paths["table"], paths["csv"] = write_table(
+        table,
+        [
+            "model",
+            "rewind",
+            "method",
+            "round",
+            "remaining %",
+            "early-stop acc %",
+            "final acc %",
+            "early-stop iteration",
+            "n",
+        ],
+        out,
+        formats={"remaining %": "{:.3g}"},
+    )
+    rewinds = {r["rewind"] for r in table}
+    accuracy: dict[str, list] = {}
+    early: dict[str, list] = {}
+    for row in table:
+        label = _label(row, rewinds)
+        x = row["remaining %"]
+        accuracy.setdefault(label, []).append(
+            (x, 100 * row["early_stop_test_acc_mean"], 100 * row["early_stop_test_acc_std"])
+        )
+        early.setdefault(label, []).append(
+            (x, row["early_stop_iteration_mean"], row["early_stop_iteration_std"])
+        )
+    dense = [r for r in table if r["control"] == "none" and r["step"] == 0]
+    name = f"{rows[0]['model']} on {rows[0]['data']}"
+    paths["accuracy"] = line_plot(
+        accuracy,
+        out.parent / f"{out.name}-accuracy.png",
+        xlabel="weights remaining (%)",
+        ylabel="test accuracy at early stop (%)",
+        title=f"Lottery tickets: {name}",
+        logx=True,
+        reference=100 * dense[0]["early_stop_test_acc_mean"] if dense else None,
+    )
+    paths["early_stop"] = line_plot(
+        early,
+        out.parent / f"{out.name}-early-stop.png",
+        xlabel="weights remaining (%)",
+        ylabel="early-stop iteration",
+        title=f"Early-stop iteration: {name}",
+        logx=True,
+    )
+    overlap = mask_overlaps(store)
+    if overlap:
+        paths["overlap"], paths["overlap_csv"] = write_table(
+            overlap,
+            [
+                "model",
+                "rewind",
+                "round",
+                "remaining %",
+                "seeds",
+                "across seeds",
+                "random expectation",
+                "with previous round",
+            ],
+            out.parent / f"{out.name}-overlap",
+            formats={
+                "remaining %": "{:.3g}",
+                "across seeds": ".4f",
+                "random expectation": ".4f",
+                "with previous round": ".4f",
+            },
+        )
+    return paths
+
+
+def _random_jaccard(masks: Masks) -> float:
+    """Expected Jaccard overlap of two independent random masks with the per-layer densities
+    of ``masks``: Σ n_l d_l² / Σ n_l (2 d_l - d_l²)."""
+    inter = union = 0.0
+    for mask in masks.values():
+        n = mask.numel()
+        d = int(mask.count_nonzero()) / n
+        inter += n * d * d
+        union += n * (2 * d - d * d)
+    return inter / union if union else 1.0
+
+
+def mask_overlaps(store: RunStore) -> list[dict]:
+    """Jaccard overlaps of the finished tickets' masks, per configuration group and round.
+
+    ``across seeds``: mean over pairs of seeds of |m ∩ m'| / |m ∪ m'|; ``random
+    expectation``: the same for random masks with those per-layer densities; ``with previous
+    round``: mean over seeds of the overlap of round r's mask with round r-1's (for nested
+    masks this is the density ratio, a check that no pruned weight came back).
+    """
+    tickets = [r for r in store.runs(EXPERIMENT, status="done") if r["config"]["control"] == "none"]
+    groups: dict[tuple, list[dict]] = {}
+    for ticket in tickets:
+        config = ticket["config"]
+        groups.setdefault(tuple(config[k] for k in GROUP), []).append(ticket)
+    rows = []
+    for key, members in groups.items():
+        dirs = [store.run_dir(EXPERIMENT, m["run_id"]) for m in members]
+        rounds = min(m["config"]["rounds"] for m in members)
+        previous: list[Masks] | None = None
+        for round_ in range(rounds + 1):
+            masks = [Masks.load(d / _masks_file(round_)) for d in dirs]
+            pairs = list(itertools.combinations(masks, 2))
+            row = dict(zip(GROUP, key, strict=True))
+            row.update(
+                {
+                    "round": round_,
+                    "remaining %": 100 * masks[0].density(),
+                    "seeds": len(masks),
+                    "across seeds": (
+                        sum(a.overlap(b) for a, b in pairs) / len(pairs) if pairs else None
+                    ),
+                    "random expectation": _random_jaccard(masks[0]),
+                    "with previous round": (
+                        sum(m.overlap(p) for m, p in zip(masks, previous, strict=True)) / len(masks)
+                        if previous
+                        else None
+                    ),
+                }
+            )
+            rows.append(row)
+            previous = masks
+    return rows
