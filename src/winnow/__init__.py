@@ -11,11 +11,14 @@ The public API is small; each piece lives in a module of its own:
 - :func:`select` (``winnow.selection``): scores -> masks, globally or per layer.
 - :func:`prune_at_init` (``winnow.schedules``): score and select before training, one-shot or
   iteratively.
+- :func:`save_sparse`, :func:`load_sparse` (``winnow.formats``): a pruned model in one compact,
+  checksummed file (Hoefler et al. 2021, §2.2), and back, bitwise exactly.
 """
 
 from winnow import analysis, data, models
 from winnow.criteria import score
 from winnow.enforcement import MaskEnforcer, enforce
+from winnow.formats import load_sparse, save_sparse
 from winnow.masks import Masks, prunable_parameters
 from winnow.schedules import prune_at_init
 from winnow.selection import select
@@ -32,9 +35,11 @@ __all__ = [
     "data",
     "enforce",
     "evaluate",
+    "load_sparse",
     "models",
     "prunable_parameters",
     "prune_at_init",
+    "save_sparse",
     "score",
     "select",
     "train",

@@ -22,6 +22,7 @@ import torch
 import winnow
 from winnow import data as datasets
 from winnow import models
+from winnow.formats import cli as formats_cli
 from winnow.masks import Masks, atomic_write_bytes
 from winnow.training import OPTIMIZERS, TrainConfig, TrainResult, train
 
@@ -127,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the model zoo")
     sub.add_parser("datasets", help="list the datasets and whether their files are here")
+    formats_cli.add_commands(sub)
     return parser
 
 
@@ -341,6 +343,7 @@ COMMANDS = {
     "experiment": _cmd_experiment,
     "models": _cmd_models,
     "datasets": _cmd_datasets,
+    **formats_cli.COMMANDS,
 }
 
 
