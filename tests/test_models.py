@@ -14,13 +14,7 @@ TWO_D = [
 GLOROT = ["cnn1d", "conv2", "conv4", "conv6", "lenet300", "lenet5", "mlp", "mlp1d"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Batches here are tiny: one thread avoids OpenMP contention on a shared, busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _input(name: str, channels: int, size: int, batch: int = 2) -> torch.Tensor:

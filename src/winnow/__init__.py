@@ -13,15 +13,18 @@ The public API is small; each piece lives in a module of its own:
   iteratively.
 - :func:`save_sparse`, :func:`load_sparse` (``winnow.formats``): a pruned model in one compact,
   checksummed file (Hoefler et al. 2021, §2.2), and back, bitwise exactly.
+- :func:`prune_from_scratch`, :func:`shrink` (``winnow.structured``): channel structures at a
+  FLOPs budget (Pruning from Scratch and its baselines), and the smaller dense network.
 """
 
-from winnow import analysis, data, models
+from winnow import analysis, data, models, structured
 from winnow.criteria import score
 from winnow.enforcement import MaskEnforcer, enforce
 from winnow.formats import load_sparse, save_sparse
 from winnow.masks import Masks, prunable_parameters
 from winnow.schedules import prune_at_init
 from winnow.selection import select
+from winnow.structured import prune_from_scratch, shrink
 from winnow.training import TrainConfig, TrainResult, evaluate, train
 
 __version__ = "0.1.0"
@@ -39,8 +42,11 @@ __all__ = [
     "models",
     "prunable_parameters",
     "prune_at_init",
+    "prune_from_scratch",
     "save_sparse",
     "score",
     "select",
+    "shrink",
+    "structured",
     "train",
 ]

@@ -122,8 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     lt.add_argument("--limit", type=int, help="keep only the first N examples of each split")
     lt.add_argument("--results", type=Path, default=Path("results"))
     lt.add_argument("--no-progress", action="store_true")
+    from winnow.experiments.scratch import add_command as add_scratch_command
+
+    add_scratch_command(exp_sub)
     rep = exp_sub.add_parser("report", help="rebuild tables and plots from the run store")
-    rep.add_argument("name", choices=("at-init", "lottery"))
+    rep.add_argument("name", choices=("at-init", "lottery", "scratch"))
     rep.add_argument("--results", type=Path, default=Path("results"))
 
     sub.add_parser("models", help="list the model zoo")
@@ -317,6 +320,10 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
 
     if args.experiment == "lottery":
         return _cmd_lottery(args)
+    if "scratch" in (args.experiment, getattr(args, "name", None)):
+        from winnow.experiments import scratch
+
+        return scratch.command(args)
     if args.experiment == "report":
         paths = (lottery if args.name == "lottery" else at_init).report(args.results)
     else:

@@ -64,6 +64,8 @@ class MaskEnforcer:
     def __init__(self, model: nn.Module, masks: Masks):
         params = masks.check_model(model)
         self.masks = masks
+        self._names = list(params)
+        self._optimizers: list[torch.optim.Optimizer] = []
         self._params: list[Tensor] = []
         self._keep: list[Tensor] = []
         self._handles: list = []
@@ -91,6 +93,34 @@ class MaskEnforcer:
         them again. ``rezero``: whether to re-zero the pruned weights after every step; by
         default only for optimizers not in :data:`ZERO_PRESERVING`.
         """
+        self._optimizers.append(optimizer)
+        self._clear_state(optimizer)
+        if rezero is None:
+            rezero = type(optimizer) not in ZERO_PRESERVING
+        if rezero:
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        return self
+
+    @torch.no_grad()
+    def update(self, masks: Masks) -> MaskEnforcer:
+        """Enforce new masks from now on (gradual pruning, dense-sparse-dense phases).
+
+        Newly pruned weights are zeroed with their optimizer state; weights that ``masks``
+        restores (a dense phase) start again from 0.0 with zero state, as in Han et al. 2017.
+        ``masks`` must cover the same tensors as before.
+        """
+        if set(masks) != set(self._names):
+            raise ValueError("the new masks cover different tensors than the enforced ones")
+        for name, keep in zip(self._names, self._keep, strict=True):
+            keep.copy_(masks[name].to(device=keep.device, dtype=keep.dtype))
+        self.masks = masks
+        self.zero_pruned()
+        for optimizer in self._optimizers:
+            self._clear_state(optimizer)
+        return self
+
+    @torch.no_grad()
+    def _clear_state(self, optimizer: torch.optim.Optimizer) -> None:
         by_id = {id(p): keep for p, keep in zip(self._params, self._keep, strict=True)}
         for group in optimizer.param_groups:
             for param in group["params"]:
@@ -100,11 +130,6 @@ class MaskEnforcer:
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
                         value.mul_(keep.to(value.dtype))
-        if rezero is None:
-            rezero = type(optimizer) not in ZERO_PRESERVING
-        if rezero:
-            self._handles.append(optimizer.register_step_post_hook(self._after_step))
-        return self
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.zero_pruned()

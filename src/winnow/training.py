@@ -91,13 +91,15 @@ class TrainResult:
 
     ``history`` holds one row per evaluation (iteration, train_loss, val_loss, val_acc,
     test_loss, test_acc); ``checkpoints`` maps an iteration of ``save_at`` to a CPU copy of the
-    model's ``state_dict`` at that point; ``final`` is the last evaluation row;
-    ``early_stop`` is the row with the lowest validation loss (the lottery-ticket paper's
+    model's ``state_dict`` at that point; ``masks`` the masks enforced at the end (those
+    given, or the last a pruner set; None for dense training); ``final`` is the last evaluation
+    row; ``early_stop`` is the row with the lowest validation loss (the lottery-ticket paper's
     early-stopping criterion), or the last row when there is no validation set.
     """
 
     history: list[dict] = field(default_factory=list)
     checkpoints: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    masks: Masks | None = None
     iterations: int = 0
     seconds: float = 0.0
 
@@ -179,6 +181,7 @@ def train(
     *,
     start_iteration: int = 0,
     regularizer: Callable[[nn.Module], Tensor] | None = None,
+    pruner: Callable[[int, nn.Module], Masks | None] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     description: str = "train",
@@ -192,6 +195,11 @@ def train(
       runs until the config's total iterations.
     - ``regularizer``: a function of the model whose value is added to the loss
       (L1, group lasso, ...).
+    - ``pruner``: pruning during training (gradual, dense-sparse-dense; see
+      :mod:`winnow.schedules`): called as ``pruner(iteration, model)`` before the first step
+      and after every step; new masks it returns are enforced from then on. A pruner with an
+      ``end`` attribute (its last pruning iteration) must end within the budget. The masks in
+      force at the end are ``result.masks``.
     - Deterministic: the data order and any randomness inside the model (dropout) follow
       ``config.seed``; the caller's global RNG is left untouched.
     """
@@ -212,6 +220,20 @@ def train(
         optimizer, lambda step: lr_factor(config, start_iteration + step, total)
     )
     enforcer = enforce(model, masks, optimizer) if masks is not None else None
+    if pruner is not None and getattr(pruner, "end", 0) > total:
+        raise ValueError(
+            f"the pruning schedule ends at iteration {pruner.end}, after the {total} of training"
+        )
+
+    def prune(iteration: int) -> None:
+        nonlocal enforcer
+        new = pruner(iteration, model)
+        if new is None:
+            return
+        if enforcer is None:
+            enforcer = enforce(model, new, optimizer)
+        else:
+            enforcer.update(new)
 
     def record(iteration: int, train_loss: float) -> dict:
         row = {"iteration": iteration, "train_loss": train_loss}
@@ -234,6 +256,8 @@ def train(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(config.seed + start_iteration)
             model.train()
+            if pruner is not None:
+                prune(start_iteration)
             checkpoint(start_iteration)
             running, count = torch.zeros((), device=device), 0
             for step, xb, yb in loader.steps(total - start_iteration, start=start_iteration):
@@ -248,6 +272,8 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 done = step + 1
+                if pruner is not None:
+                    prune(done)
                 checkpoint(done)
                 if done % eval_every == 0 or done == total:
                     row = record(done, float(running) / count)
@@ -261,6 +287,7 @@ def train(
         bar.close()
         if enforcer is not None:
             enforcer.remove()
+            result.masks = enforcer.masks
     result.iterations = total - start_iteration
     result.seconds = time.perf_counter() - started
     return result

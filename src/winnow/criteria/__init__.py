@@ -10,7 +10,10 @@ flags and train/eval mode all stay on the copy). With ``masks``, the copy's prun
 zeroed first, so a criterion scores the pruned network (iterative pruning).
 
 Available: ``random`` and ``magnitude`` (baselines), ``snip`` (Lee et al. 2019), ``grasp``
-(Wang et al. 2020), ``synflow`` (Tanaka et al. 2020).
+(Wang et al. 2020), ``synflow`` (Tanaka et al. 2020) at initialisation; ``obd`` (LeCun et al.
+1990) and ``woodfisher`` (OBS scores with a block-diagonal empirical Fisher inverse, Singh &
+Alistarh 2020; :func:`obs_prune` also updates the remaining weights) and ``taylor`` (first-order
+Taylor importance of output units through gates, Molchanov et al. 2019) after training.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from torch import Tensor, nn
 from winnow.criteria._registry import REGISTRY, available, lookup, register
 from winnow.criteria.basic import magnitude, random
 from winnow.criteria.data import DataSource, sample_batches
+from winnow.criteria.fisher import obd, obs_prune, obs_update, woodfisher
 from winnow.criteria.grasp import grasp, hessian_gradient_product
 from winnow.criteria.snip import snip
 from winnow.criteria.synflow import synflow
+from winnow.criteria.taylor import taylor
 
 
 def score(
@@ -48,10 +53,15 @@ __all__ = [
     "hessian_gradient_product",
     "lookup",
     "magnitude",
+    "obd",
+    "obs_prune",
+    "obs_update",
     "random",
     "register",
     "sample_batches",
     "score",
     "snip",
     "synflow",
+    "taylor",
+    "woodfisher",
 ]
