@@ -69,6 +69,23 @@ ZERO_PRESERVING_MODULES = (
 """Modules that act on each channel separately and map an all-zero channel to zero."""
 
 _F = nn.functional
+FUNCTION_POOLS = frozenset(
+    {
+        _F.max_pool1d,
+        _F.max_pool2d,
+        _F.max_pool3d,
+        _F.avg_pool1d,
+        _F.avg_pool2d,
+        _F.avg_pool3d,
+        _F.adaptive_avg_pool1d,
+        _F.adaptive_avg_pool2d,
+        _F.adaptive_avg_pool3d,
+        _F.adaptive_max_pool1d,
+        _F.adaptive_max_pool2d,
+        _F.adaptive_max_pool3d,
+    }
+)
+"""Functional pooling operations: per channel, and an all-zero channel stays zero."""
 ZERO_PRESERVING_FUNCTIONS = frozenset(
     {
         torch.relu,
@@ -83,18 +100,7 @@ ZERO_PRESERVING_FUNCTIONS = frozenset(
         _F.hardswish,
         _F.hardtanh,
         _F.dropout,
-        _F.max_pool1d,
-        _F.max_pool2d,
-        _F.max_pool3d,
-        _F.avg_pool1d,
-        _F.avg_pool2d,
-        _F.avg_pool3d,
-        _F.adaptive_avg_pool1d,
-        _F.adaptive_avg_pool2d,
-        _F.adaptive_avg_pool3d,
-        _F.adaptive_max_pool1d,
-        _F.adaptive_max_pool2d,
-        _F.adaptive_max_pool3d,
+        *FUNCTION_POOLS,
     }
 )
 ZERO_PRESERVING_METHODS = frozenset({"relu", "relu_", "tanh", "contiguous", "clone", "detach"})

@@ -35,6 +35,7 @@ from winnow.structured.dependency import (
     ADD_METHODS,
     ADDS,
     CONVS,
+    FUNCTION_POOLS,
     MUL_METHODS,
     MULS,
     NORMS,
@@ -94,22 +95,6 @@ FUNCTION_ACTIVATIONS = frozenset(
         "relu_",
         "tanh",
         "sigmoid",
-    }
-)
-FUNCTION_POOLS = frozenset(
-    {
-        _F.max_pool1d,
-        _F.max_pool2d,
-        _F.max_pool3d,
-        _F.avg_pool1d,
-        _F.avg_pool2d,
-        _F.avg_pool3d,
-        _F.adaptive_avg_pool1d,
-        _F.adaptive_avg_pool2d,
-        _F.adaptive_avg_pool3d,
-        _F.adaptive_max_pool1d,
-        _F.adaptive_max_pool2d,
-        _F.adaptive_max_pool3d,
     }
 )
 FUNCTION_FREE = frozenset({_F.dropout, "contiguous", "clone", "detach", *RESHAPES})
