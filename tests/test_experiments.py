@@ -412,3 +412,13 @@ def test_plots_write_png_files(tmp_path):
     for path in (line, bars):
         assert path.read_bytes()[:8] == PNG_SIGNATURE
     assert temp_files(tmp_path) == []
+
+
+def test_an_int_given_for_a_float_field_is_the_same_configuration():
+    """epochs=3 and epochs=3.0 must name one run (a sweep started from the CLI, which parses
+    floats, and one from Python would otherwise redo each other's work)."""
+    from winnow.experiments.at_init import AtInitConfig
+
+    assert config_id(AtInitConfig(epochs=3)) == config_id(AtInitConfig(epochs=3.0))
+    assert config_id(AtInitConfig(epochs=5)) == config_id(AtInitConfig())
+    assert config_id(AtInitConfig(epochs=3)) != config_id(AtInitConfig(epochs=4))

@@ -119,16 +119,26 @@ def _config_fields(config: Any) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(config) if f.init]
 
 
+def _as_declared(value: Any, hint: Any) -> Any:
+    """An int given for a field declared ``float`` (or ``float | None``) as that float, so that
+    ``epochs=3`` and ``epochs=3.0`` are one configuration with one id."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if hint is float or float in typing.get_args(hint):
+            return float(value)
+    return value
+
+
 def _non_default(config: Any, where: str) -> dict[str, Any]:
     """The fields whose value differs from their default (nested configurations likewise)."""
 
     def canonical(value: Any, at: str) -> Any:
         return _walk(value, at, _identity, finite=False)
 
+    hints = typing.get_type_hints(type(config))
     out = {}
     for f in _config_fields(config):
         at = f"{where}.{f.name}"
-        value = canonical(getattr(config, f.name), at)
+        value = canonical(_as_declared(getattr(config, f.name), hints.get(f.name)), at)
         if f.default is not dataclasses.MISSING:
             default = canonical(f.default, at)
         elif f.default_factory is not dataclasses.MISSING:
