@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=5)
     parser.add_argument("--finetune", type=float, default=1)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,7 +189,8 @@ def main() -> None:
             rows.append(row)
         dense_acc = acc[("dense", 1.0)]
         columns = ["method", *[f"{100 * (1 - d):g}% sparse" for d in densities], "seconds"]
-        out = Path(__file__).parent / "results" / f"after-training-{model_name}"
+        tag = f"-{args.tag}" if args.tag else ""
+        out = Path(__file__).parent / "results" / f"after-training-{model_name}{tag}"
         md, _ = write_table(rows, columns, out)
         print(
             f"\n{model_name} on Fashion-MNIST, dense {100 * statistics.mean(dense_acc):.2f}% "
