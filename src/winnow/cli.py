@@ -249,7 +249,8 @@ def _cmd_datasets(args: argparse.Namespace) -> None:
         print(f"{name:<14} {notes.get(name, '')}")
 
 
-def _csv(text: str, kind=str) -> tuple:
+def csv_list(text: str, kind=str) -> tuple:
+    """``"a, b,c"`` as ``(kind(a), kind(b), kind(c))``; a clear ValueError otherwise."""
     try:
         return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
     except ValueError:
@@ -292,8 +293,8 @@ def _cmd_lottery(args: argparse.Namespace) -> None:
     from winnow.experiments import lottery
 
     configs = lottery.sweep(
-        seeds=_csv(args.seeds, int),
-        controls=_csv(args.controls),
+        seeds=csv_list(args.seeds, int),
+        controls=csv_list(args.controls),
         model=args.model,
         data=args.data,
         rounds=args.rounds,
@@ -330,10 +331,10 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
         configs = at_init.sweep(
             model=args.model,
             data=args.data,
-            methods=_csv(args.methods),
-            densities=tuple(d / 100 for d in _csv(args.densities, float)),
-            seeds=_csv(args.seeds, int),
-            controls=_csv(args.controls),
+            methods=csv_list(args.methods),
+            densities=tuple(d / 100 for d in csv_list(args.densities, float)),
+            seeds=csv_list(args.seeds, int),
+            controls=csv_list(args.controls),
             epochs=args.epochs,
             data_limit=args.limit,
         )

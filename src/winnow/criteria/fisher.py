@@ -239,6 +239,12 @@ def woodfisher(
     damped empirical Fisher (Singh & Alistarh 2020). Scores only: :func:`obs_prune` also
     applies the optimal update to the remaining weights."""
     inverses = woodfisher_inverses(work, data, list(params), samples, block_size, damp, chunk, seed)
+    return obs_scores(params, inverses)
+
+
+def obs_scores(params: dict[str, Tensor], inverses: dict[str, Tensor]) -> dict[str, Tensor]:
+    """ρᵢ = θᵢ² / (2 [F⁻¹]ᵢᵢ) per tensor, from the block-diagonal inverses of
+    :func:`woodfisher_inverses`."""
     return {
         n: p.detach().pow(2) / (2 * _diagonal(inverses[n], p.shape).to(p.dtype))
         for n, p in params.items()
@@ -286,9 +292,7 @@ def obs_prune(
     if masks is not None:
         masks.apply(work)
     inverses = woodfisher_inverses(work, data, list(params), samples, block_size, damp, chunk, seed)
-    scores = {
-        n: p.pow(2) / (2 * _diagonal(inverses[n], p.shape).to(p.dtype)) for n, p in params.items()
-    }
+    scores = obs_scores(params, inverses)
     if masks is not None:
         scores = {n: s.masked_fill(~masks[n], 0.0) for n, s in scores.items()}
     kept = select(scores, density, scope, current=masks)

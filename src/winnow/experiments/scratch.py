@@ -30,13 +30,13 @@ import argparse
 import math
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import winnow
+from winnow.experiments.common import load_data
 from winnow.experiments.report import aggregate, bar_plot, markdown_table, write_table
 from winnow.experiments.runner import run_sweep
 from winnow.experiments.store import Run, RunStore, config_id, load_tensors, save_tensors
@@ -204,11 +204,6 @@ def sweep(
     return configs
 
 
-@lru_cache(maxsize=4)
-def _load_data(name: str, seed: int, limit: int | None) -> winnow.data.DataSplits:
-    return winnow.data.load(name, seed=seed, limit=limit)
-
-
 def _pretrained(run: Run, config: ScratchConfig, data, spec: dict, strength: float):
     """The dense network of this seed trained for ``config.epochs`` (with the slimming
     penalty ``strength``), from the shared cache, trained and stored on first use."""
@@ -356,7 +351,7 @@ def _find_structure(run: Run, config: ScratchConfig, data, dense_spec: dict) -> 
 def execute(run: Run) -> None:
     """Run one configuration: find (or reload) the structure, train it anew, measure it."""
     config: ScratchConfig = run.config
-    data = _load_data(config.data, config.seed, config.data_limit)
+    data = load_data(config.data, config.seed, config.data_limit)
     dense_spec = spec_for(config.model, data, **config.model_options())
     if 0 in run.completed("structure"):
         found = run.load_json("structure.json")
@@ -580,13 +575,6 @@ def _structure_report(store: RunStore, out: Path) -> dict[str, Path]:
     return paths
 
 
-def _csv(text: str, kind=str) -> tuple:
-    try:
-        return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise ValueError(f"cannot read {text!r} as a comma-separated list") from None
-
-
 def add_command(experiments: argparse._SubParsersAction) -> None:
     """Add ``winnow experiment scratch`` to the ``experiment`` subcommands."""
     parser = experiments.add_parser(
@@ -612,13 +600,15 @@ def add_command(experiments: argparse._SubParsersAction) -> None:
 
 def command(args: argparse.Namespace) -> None:
     """Run (``experiment scratch``) or report (``experiment report scratch``) from the CLI."""
+    from winnow.cli import csv_list
+
     if args.experiment != "report":
         configs = sweep(
             model=args.model,
             data=args.data,
-            methods=_csv(args.methods),
-            budgets=tuple(b / 100 for b in _csv(args.budgets, float)),
-            seeds=_csv(args.seeds, int),
+            methods=csv_list(args.methods),
+            budgets=tuple(b / 100 for b in csv_list(args.budgets, float)),
+            seeds=csv_list(args.seeds, int),
             epochs=args.epochs,
             width=args.width,
             gate_epochs=args.gate_epochs,

@@ -86,7 +86,7 @@ FUNCTION_POOLS = frozenset(
     }
 )
 """Functional pooling operations: per channel, and an all-zero channel stays zero."""
-ZERO_PRESERVING_FUNCTIONS = frozenset(
+ZERO_PRESERVING_ACTIVATIONS = frozenset(
     {
         torch.relu,
         torch.tanh,
@@ -99,10 +99,10 @@ ZERO_PRESERVING_FUNCTIONS = frozenset(
         _F.mish,
         _F.hardswish,
         _F.hardtanh,
-        _F.dropout,
-        *FUNCTION_POOLS,
     }
 )
+"""Functional activations with f(0) = 0, applied elementwise."""
+ZERO_PRESERVING_FUNCTIONS = frozenset({*ZERO_PRESERVING_ACTIVATIONS, _F.dropout, *FUNCTION_POOLS})
 ZERO_PRESERVING_METHODS = frozenset({"relu", "relu_", "tanh", "contiguous", "clone", "detach"})
 REDUCTIONS = frozenset({torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"})
 """Reductions that keep the channel dimension when they reduce only spatial dimensions."""

@@ -41,6 +41,7 @@ from winnow.structured.dependency import (
     NORMS,
     REDUCTIONS,
     RESHAPES,
+    ZERO_PRESERVING_ACTIVATIONS,
     Analysis,
     _example,
     analyse,
@@ -78,18 +79,8 @@ ADAPTIVE_POOLS = (
 )
 FUNCTION_ACTIVATIONS = frozenset(
     {
-        torch.relu,
-        torch.tanh,
+        *ZERO_PRESERVING_ACTIVATIONS,
         torch.sigmoid,
-        _F.relu,
-        _F.relu6,
-        _F.leaky_relu,
-        _F.elu,
-        _F.gelu,
-        _F.silu,
-        _F.mish,
-        _F.hardswish,
-        _F.hardtanh,
         _F.sigmoid,
         "relu",
         "relu_",
