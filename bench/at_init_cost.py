@@ -26,6 +26,7 @@ from torch import nn
 import winnow.schedules.at_init as schedules
 from winnow import criteria, models, prunable_parameters
 from winnow.schedules import prune_at_init
+from winnow.selection import Survivors
 
 
 def median_time(fn, repeat: int) -> float:
@@ -62,21 +63,25 @@ def bench(name: str, repeat: int) -> None:
     t_single = median_time(single_pass, repeat)
 
     selecting = []
-    original = schedules.select
 
-    def timed_select(*args, **kwargs):
-        start = time.perf_counter()
-        out = original(*args, **kwargs)
-        selecting.append(time.perf_counter() - start)
-        return out
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            selecting.append(time.perf_counter() - start)
+            return out
 
-    schedules.select = timed_select
+        return wrapper
+
+    # selection = choosing the survivors (Survivors.select) + zeroing the weights just removed
+    originals = Survivors.select, schedules._zero
+    Survivors.select, schedules._zero = timed(Survivors.select), timed(schedules._zero)
     try:
         start = time.perf_counter()
         masks = prune_at_init(model, "synflow", 0.01, input_shape=(3, 32, 32), rounds=100)
         t_synflow = time.perf_counter() - start
     finally:
-        schedules.select = original
+        Survivors.select, schedules._zero = originals
     t_select = sum(selecting)
     params = sum(w.numel() for w in weights)
     print(

@@ -236,6 +236,21 @@ def test_iterative_from_existing_masks(data):
         prune_at_init(model, "magnitude", 0.6, masks=half)
 
 
+@pytest.mark.parametrize("method,scope", [("synflow", "global"), ("snip", "layer")])
+def test_iterative_pruning_equals_rescoring_from_scratch(method, scope):
+    """Each round of prune_at_init (compact survivors, only the weights just removed zeroed)
+    gives the masks of scoring the masked network afresh and selecting, round after round."""
+    data = winnow.data.load("synthetic", n_train=64, n_test=8, input_shape=(1, 28, 28))
+    model = models.create("lenet5", seed=3)
+    got = prune_at_init(model, method, 0.02, data, rounds=6, scope=scope)
+    current = None
+    for target in winnow.selection.exponential_densities(0.02, 6):
+        options = {"input_shape": (1, 28, 28)} if method == "synflow" else {"data": data}
+        scores = criteria.score(model, method, masks=current, **options)
+        current = winnow.selection.select(scores, target, scope=scope, current=current)
+    assert got == current
+
+
 class UserNet(nn.Module):
     """A user's own module: conv, BatchNorm, a residual addition, a linear head."""
 

@@ -127,3 +127,38 @@ def test_alive_nan_never_loses_to_dead_weights():
     scores = {"w": torch.tensor([float("nan"), 5.0, float("-inf"), 1.0])}
     current = Masks({"w": torch.tensor([True, False, True, False])})
     assert select(scores, 0.5, current=current)["w"].tolist() == [True, False, True, False]
+
+
+@pytest.mark.parametrize("scope,guard", [("global", 0), ("layer", 0), ("global", 3)])
+def test_survivors_rounds_equal_repeated_select(monkeypatch, scope, guard):
+    """Iterative selection on the compact survivors gives the masks a fresh select() would give
+    round after round, with the sampled bracket in use (ties, NaN and dead weights included)."""
+    import winnow.selection as selection
+    from winnow.selection import Survivors
+
+    monkeypatch.setattr(selection, "EXACT_BELOW", 500)
+    gen = torch.Generator().manual_seed(1)
+    shapes = {"a": (60, 50), "b": (4000,), "c": (7, 9)}
+    survivors = Survivors(shapes)
+    current = None
+    for density in (0.7, 0.4, 0.2, 0.05, 0.01):
+        scores = {n: (torch.rand(s, generator=gen) * 40).round() for n, s in shapes.items()}
+        scores["b"][::97] = float("nan")
+        removed = survivors.select(scores, density, scope=scope, min_per_layer=guard)
+        expected = select(scores, density, scope=scope, current=current, min_per_layer=guard)
+        assert survivors.masks() == expected, density
+        before = current or Masks({n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()})
+        for name, flat in removed.items():  # exactly the weights that died this round
+            died = torch.nonzero((before[name] & ~expected[name]).flatten()).flatten()
+            assert flat.tolist() == died.tolist()
+        current = expected
+
+
+def test_survivors_reject_mismatched_scores():
+    from winnow.selection import Survivors
+
+    survivors = Survivors({"w": (3, 4)})
+    with pytest.raises(ValueError, match="shape"):
+        survivors.select({"w": torch.rand(4, 3)}, 0.5)
+    with pytest.raises(ValueError, match="different parameters"):
+        survivors.select({"v": torch.rand(3, 4)}, 0.5)

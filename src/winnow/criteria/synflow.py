@@ -23,6 +23,10 @@ def input_shape_of(data: DataSource | None, input_shape) -> tuple[int, ...]:
     raise ValueError("synflow needs the input shape: pass input_shape=(C, H, W) or the data")
 
 
+LINEARISED = "_winnow_synflow_linearised"
+"""Set on a private copy once its state holds absolute values (iterative SynFlow re-scores the
+copy; pruning only zeroes weights, which keeps it so)."""
+
 FLOAT32_RANGE = (1e-30, 1e30)
 """R must lie in this range for float32 scoring; outside it SynFlow recomputes in float64."""
 
@@ -49,10 +53,12 @@ def synflow(
     """
     shape = input_shape_of(data, input_shape)
     work.eval()
-    with torch.no_grad():
-        for tensor in work.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.abs_()
+    if not getattr(work, LINEARISED, False):  # |x| is idempotent: once per private copy
+        with torch.no_grad():
+            for tensor in work.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.abs_()
+        setattr(work, LINEARISED, True)
     current = next(iter(params.values())).dtype
     if dtype is not None:
         candidates = [dtype]
@@ -71,4 +77,14 @@ def synflow(
     if not math.isfinite(value):
         raise ValueError(f"synflow: R = {value} overflows {candidate}")
     grads = torch.autograd.grad(flow, list(params.values()))
-    return {n: (p.detach() * g).abs_() for (n, p), g in zip(params.items(), grads, strict=True)}
+    return {
+        n: _product(p.detach(), g).abs_() for (n, p), g in zip(params.items(), grads, strict=True)
+    }
+
+
+def _product(weight: Tensor, grad: Tensor) -> Tensor:
+    """``weight * grad``, written into ``grad`` (a fresh tensor) when it can be: a new 80 MB
+    tensor per round costs as much in page faults as the product itself."""
+    if grad.is_contiguous() and grad.dtype == weight.dtype and grad.shape == weight.shape:
+        return grad.mul_(weight)
+    return weight * grad

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import warnings
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from winnow.criteria._registry import lookup, working_copy
 from winnow.masks import Masks
-from winnow.selection import check_density, exponential_densities, select
+from winnow.selection import Survivors, check_density, exponential_densities
 
 DEFAULT_ROUNDS = {"synflow": 100}
 """Rounds used when ``rounds`` is not given (1 for every other criterion)."""
@@ -64,11 +65,14 @@ def prune_at_init(
     from tqdm.auto import tqdm
 
     work, params = working_copy(model, list(masks) if masks is not None else None)
+    if masks is not None:
+        masks.apply(work)
+    survivors = Survivors({n: p.shape for n, p in params.items()}, masks)
     for target in tqdm(targets, desc=f"{method}", disable=None if progress else True, leave=False):
-        if masks is not None:
-            masks.apply(work)
         scores = criterion.implementation(work, params, data, **options)
-        masks = select(scores, target, scope=scope, current=masks, min_per_layer=min_per_layer)
+        removed = survivors.select(scores, target, scope=scope, min_per_layer=min_per_layer)
+        _zero(params, removed)
+    masks = survivors.masks({n: p.device for n, p in params.items()})
     collapsed = masks.collapsed_layers()
     if collapsed:
         warnings.warn(
@@ -78,3 +82,16 @@ def prune_at_init(
             stacklevel=2,
         )
     return masks
+
+
+def _zero(params: dict[str, nn.Parameter], removed: dict[str, Tensor]) -> None:
+    """Zero the weights just pruned (flat indices), leaving the others untouched."""
+    with torch.no_grad():
+        for name, flat in removed.items():
+            if flat.numel():
+                param = params[name]
+                index = flat.to(param.device)
+                if param.is_contiguous():
+                    param.view(-1).index_fill_(0, index, 0)
+                else:
+                    param.copy_(param.reshape(-1).index_fill(0, index, 0).view_as(param))
