@@ -10,7 +10,7 @@ For VGG-19 and ResNet-20 (CIFAR shape, 3x32x32, 10 classes), measured in one run
 Targets (issue 3): SNIP <= 1.5 passes, GraSP <= 4 passes, SynFlow-100 <= 100 single-sample
 passes + 20% for selection (i.e. <= 120).
 
-    python bench/at_init_cost.py [--models vgg19,resnet20] [--repeat 3]
+    python bench/at_init_cost.py [--models vgg19,resnet20] [--repeat 3] [--synflow-repeat 3]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def median_time(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-def bench(name: str, repeat: int) -> None:
+def bench(name: str, repeat: int, synflow_repeat: int) -> None:
     model = models.create(name, in_channels=3, input_size=32, num_classes=10, seed=0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(128, 3, 32, 32, generator=gen)
@@ -57,10 +57,23 @@ def bench(name: str, repeat: int) -> None:
         model.eval()
         torch.autograd.grad(model(ones).sum(), weights)
 
-    t_batch = median_time(batch_pass, repeat)
-    t_snip = median_time(lambda: criteria.score(model, "snip", (x, y), samples=128), repeat)
-    t_grasp = median_time(lambda: criteria.score(model, "grasp", (x, y), samples=128), repeat)
-    t_single = median_time(single_pass, repeat)
+    # interleaved: each scoring is set against the passes timed just before and after it, so
+    # a drift of the machine's speed during the run does not enter the ratios
+    def ratios(fn, unit, runs: int, unit_repeat: int):
+        out = []
+        for _ in range(runs):
+            before = median_time(unit, unit_repeat)
+            start = time.perf_counter()
+            result = fn()
+            took = time.perf_counter() - start
+            after = median_time(unit, unit_repeat)
+            out.append((took / ((before + after) / 2), (before + after) / 2, result))
+        return out
+
+    snip = ratios(lambda: criteria.score(model, "snip", (x, y), samples=128), batch_pass, repeat, 1)
+    grasp = ratios(
+        lambda: criteria.score(model, "grasp", (x, y), samples=128), batch_pass, repeat, 1
+    )
 
     selecting = []
 
@@ -73,38 +86,48 @@ def bench(name: str, repeat: int) -> None:
 
         return wrapper
 
+    def synflow_run():
+        selecting.clear()
+        masks = prune_at_init(model, "synflow", 0.01, input_shape=(3, 32, 32), rounds=100)
+        return masks, sum(selecting)
+
     # selection = choosing the survivors (Survivors.select) + zeroing the weights just removed
     originals = Survivors.select, schedules._zero
     Survivors.select, schedules._zero = timed(Survivors.select), timed(schedules._zero)
     try:
-        start = time.perf_counter()
-        masks = prune_at_init(model, "synflow", 0.01, input_shape=(3, 32, 32), rounds=100)
-        t_synflow = time.perf_counter() - start
+        synflow = ratios(synflow_run, single_pass, synflow_repeat, 5)
     finally:
         Survivors.select, schedules._zero = originals
-    t_select = sum(selecting)
     params = sum(w.numel() for w in weights)
     print(
-        f"{name}: {params:,} prunable weights; batch pass {t_batch * 1e3:.0f} ms, "
-        f"single-sample pass {t_single * 1e3:.1f} ms"
+        f"{name}: {params:,} prunable weights; batch pass {snip[0][1] * 1e3:.0f} ms, "
+        f"single-sample pass {synflow[0][1] * 1e3:.1f} ms"
     )
-    print(f"  SNIP     {t_snip / t_batch:6.2f} batch passes   (target <= 1.5)")
-    print(f"  GraSP    {t_grasp / t_batch:6.2f} batch passes   (target <= 4)")
+
+    def summary(runs):
+        values = sorted(r[0] for r in runs)
+        return f"{statistics.median(values):6.2f} (runs: {', '.join(f'{v:.2f}' for v in values)})"
+
+    print(f"  SNIP     {summary(snip)} batch passes   (target <= 1.5)")
+    print(f"  GraSP    {summary(grasp)} batch passes   (target <= 4)")
+    select_share = sorted(sel / unit for _, unit, (_, sel) in synflow)
+    masks = synflow[0][2][0]
     print(
-        f"  SynFlow  {t_synflow / t_single:6.1f} single passes for 100 rounds (target <= 120): "
-        f"selection {t_select / t_single:.1f}, the rest {(t_synflow - t_select) / t_single:.1f}; "
-        f"final density {masks.density():.4f}, collapsed layers: {masks.collapsed_layers()}"
+        f"  SynFlow  {summary(synflow)} single passes for 100 rounds (target <= 120), of which "
+        f"selection {statistics.median(select_share):.1f}; final density {masks.density():.4f}, "
+        f"collapsed layers: {masks.collapsed_layers()}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="vgg19,resnet20")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="SNIP and GraSP runs")
+    parser.add_argument("--synflow-repeat", type=int, default=3, help="SynFlow-100 runs")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
     for name in args.models.split(","):
-        bench(name, args.repeat)
+        bench(name, args.repeat, args.synflow_repeat)
 
 
 if __name__ == "__main__":

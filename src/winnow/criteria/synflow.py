@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -67,7 +68,9 @@ def synflow(
     else:
         candidates = [torch.float32, torch.float64]
     for candidate in candidates:
-        work.to(candidate)
+        state = itertools.chain(work.parameters(), work.buffers())
+        if any(t.is_floating_point() and t.dtype != candidate for t in state):
+            work.to(candidate)
         ones = torch.ones((1, *shape), dtype=candidate, device=model_device(work))
         flow = work(ones).sum()
         value = float(flow.detach())
