@@ -32,6 +32,7 @@ import importlib.metadata
 import time
 
 import torch
+from torch.fx.experimental.optimization import optimize_for_inference
 
 from winnow import models
 from winnow.experiments import scratch as experiment
@@ -124,26 +125,39 @@ def latency(args: argparse.Namespace) -> None:
         print("torch-pruning not importable: pip install torch-pruning==1.6.1 --no-deps")
     else:
         print(f"torch-pruning {importlib.metadata.version('torch-pruning')}")
+    forms = {"eager": candidates}
+    if "inference" in args.forms:
+        # PyTorch's own CPU inference preparation, applied alike to every network: BatchNorm
+        # folded into the convolutions, oneDNN (mkldnn) layouts kept between layers
+        forms["inference"] = {
+            label: (optimize_for_inference(copy.deepcopy(model)), ratio)
+            for label, (model, ratio) in candidates.items()
+        }
     started = time.perf_counter()
+    timed = {
+        (form, label): model
+        for form, members in forms.items()
+        if form in args.forms
+        for label, (model, _) in members.items()
+    }
     times = measure_latency(
-        {k: m for k, (m, _) in candidates.items()},
-        shape,
-        batch_size=args.batch,
-        repeats=args.repeats,
-        warmup=args.warmup,
+        timed, shape, batch_size=args.batch, repeats=args.repeats, warmup=args.warmup
     )
     print(f"{args.repeats} interleaved timed passes each ({time.perf_counter() - started:.0f} s)")
-    header = (
-        f"{'network':<22} {'FLOPs %':>8} {'ms':>9} {'speedup':>8} {'FLOPs ratio':>11}"
-        f" {'speedup / FLOPs ratio':>22}"
-    )
-    print(header)
-    for label, (_, ratio) in candidates.items():
-        speedup = times["dense"] / times[label]
+    for form, members in forms.items():
+        if form not in args.forms:
+            continue
+        print(f"\n{form}:")
         print(
-            f"{label:<22} {100 * ratio:>8.1f} {1000 * times[label]:>9.2f} {speedup:>8.2f}"
-            f" {1 / ratio:>11.2f} {speedup * ratio:>22.2f}"
+            f"{'network':<22} {'FLOPs %':>8} {'ms':>9} {'speedup':>8} {'FLOPs ratio':>11}"
+            f" {'speedup / FLOPs ratio':>22}"
         )
+        for label, (_, ratio) in members.items():
+            speedup = times[form, "dense"] / times[form, label]
+            print(
+                f"{label:<22} {100 * ratio:>8.1f} {1000 * times[form, label]:>9.2f}"
+                f" {speedup:>8.2f} {1 / ratio:>11.2f} {speedup * ratio:>22.2f}"
+            )
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -205,6 +219,11 @@ def main() -> None:
     latency_options.add_argument("--batch", type=int, default=64)
     latency_options.add_argument("--repeats", type=int, default=20)
     latency_options.add_argument("--warmup", type=int, default=3)
+    latency_options.add_argument(
+        "--forms",
+        default="eager,inference",
+        help="eager modules, and/or each prepared by torch.fx's optimize_for_inference",
+    )
     acc = parser.add_argument_group("accuracy")
     acc.add_argument("--model", default="vgg11")
     acc.add_argument("--data", default="fashion-mnist")
