@@ -186,6 +186,28 @@ class Survivors:
         The others are removed from the survivors; returns, per tensor, the flat indices
         just removed (int64, on the CPU).
         """
+        keep = self.choose(scores, density, scope, min_per_layer)
+        removed = {}
+        for name, chosen in keep.items():
+            index = self.index[name]
+            if index is None and chosen.all():
+                removed[name] = torch.zeros(0, dtype=torch.int64)
+                continue
+            if index is None:
+                index = np.arange(chosen.size, dtype=_index_dtype(chosen.size))
+            removed[name] = torch.from_numpy(index[~chosen].astype(np.int64))
+            self.index[name] = index[chosen]
+        return removed
+
+    def choose(
+        self,
+        scores: Mapping[str, Tensor],
+        density: float | Mapping[str, float],
+        scope: str = "global",
+        min_per_layer: int = 0,
+    ) -> dict[str, np.ndarray]:
+        """Which alive weights :meth:`select` would keep, as boolean flags per tensor (one per
+        alive weight, in position order); the survivors are not changed."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
         if set(scores) != set(self.shapes):
@@ -225,29 +247,25 @@ class Survivors:
                 self.alive_values(name, scores[name], dtype, out=buffer[start:end])
             chosen = np.split(_keep_top(_finite(buffer), k), ends[:-1])
             keep = dict(zip(self.shapes, chosen, strict=True))
-        removed = {}
-        for name, chosen in keep.items():
-            index = self.index[name]
-            if index is None and chosen.all():
-                removed[name] = torch.zeros(0, dtype=torch.int64)
-                continue
-            if index is None:
-                index = np.arange(counts[name], dtype=_index_dtype(counts[name]))
-            removed[name] = torch.from_numpy(index[~chosen].astype(np.int64))
-            self.index[name] = index[chosen]
-        return removed
+        return keep
 
-    def masks(self, devices: Mapping[str, torch.device] | None = None) -> Masks:
-        """The alive weights as boolean masks (on ``devices[name]``, default the CPU)."""
+    def masks(
+        self,
+        devices: Mapping[str, torch.device] | None = None,
+        keep: Mapping[str, np.ndarray] | None = None,
+    ) -> Masks:
+        """The alive weights as boolean masks (on ``devices[name]``, default the CPU); with
+        ``keep`` (from :meth:`choose`), only those of them it flags."""
         out = {}
         for name, shape in self.shapes.items():
             index = self.index[name]
+            flags = None if keep is None else keep[name]
             if index is None:
-                flags = np.ones(shape.numel(), dtype=bool)
+                full = np.ones(shape.numel(), dtype=bool) if flags is None else flags
             else:
-                flags = np.zeros(shape.numel(), dtype=bool)
-                flags[index] = True
-            mask = torch.from_numpy(flags).reshape(shape)
+                full = np.zeros(shape.numel(), dtype=bool)
+                full[index if flags is None else index[flags]] = True
+            mask = torch.from_numpy(full).reshape(shape)
             out[name] = mask.to(devices[name]) if devices is not None else mask
         return Masks(out)
 
@@ -301,8 +319,8 @@ def select(
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
     survivors = Survivors({n: s.shape for n, s in scores.items()}, current)
-    survivors.select(scores, density, scope=scope, min_per_layer=min_per_layer)
-    return survivors.masks({n: s.device for n, s in scores.items()})
+    keep = survivors.choose(scores, density, scope=scope, min_per_layer=min_per_layer)
+    return survivors.masks({n: s.device for n, s in scores.items()}, keep)
 
 
 def _check_alive(k: int, alive: int, what: str) -> None:
