@@ -162,3 +162,19 @@ def test_survivors_reject_mismatched_scores():
         survivors.select({"w": torch.rand(4, 3)}, 0.5)
     with pytest.raises(ValueError, match="different parameters"):
         survivors.select({"v": torch.rand(3, 4)}, 0.5)
+
+
+def test_mixed_dtypes_and_infinities_select_quietly():
+    import warnings
+
+    scores = {
+        "a": torch.tensor([1.0, 3.0, 2.0, float("inf"), -float("inf")], dtype=torch.bfloat16),
+        "b": torch.tensor([5.0, 0.0], dtype=torch.float64),
+        "c": torch.tensor([3e38, 3e38, float("nan")]),  # float32 whose sum overflows
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masks = select(scores, 5 / 10)
+    assert masks["a"].tolist() == [False, True, False, True, False]
+    assert masks["b"].tolist() == [True, False]
+    assert masks["c"].tolist() == [True, True, False]

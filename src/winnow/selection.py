@@ -107,8 +107,9 @@ def _float_dtype(scores: Mapping[str, Tensor]) -> torch.dtype:
 def _finite(values: np.ndarray) -> np.ndarray:
     """NaN and -inf become the lowest finite value (kept only when nothing else is left), +inf
     the largest."""
-    if np.isfinite(values.sum()):  # one cheap reduction proves there is nothing to replace
-        return values
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(values.sum()):  # one cheap reduction proves there is nothing to replace
+            return values
     info = np.finfo(values.dtype)
     return np.nan_to_num(values, nan=info.min, neginf=info.min, posinf=info.max)
 
