@@ -8,7 +8,10 @@ Three parts, each printing its figures with the conditions (torch version, threa
    non-uniform structure (a global threshold on seeded random channel scores with a random
    scale per layer). Forward passes are timed interleaved (dense, then each pruned network,
    repeated) and the median is kept; the speedup is set against the FLOPs ratio (target:
-   speedup >= 0.9 x dense/pruned FLOPs). When ``torch_pruning`` (1.6.1,
+   speedup >= 0.9 x dense/pruned FLOPs). Each network is timed twice over: as the eager
+   module, and as PyTorch prepares it for CPU inference (``torch.fx.experimental.optimization.
+   optimize_for_inference``: BatchNorm folded into the convolutions, oneDNN layouts kept from
+   layer to layer; checked to give the eager outputs). When ``torch_pruning`` (1.6.1,
    ``pip install torch-pruning==1.6.1 --no-deps``) is importable, its magnitude pruner prunes
    the same model to the same budget and is timed in the same loop, and its MAC counter is
    set against winnow's.
@@ -19,7 +22,7 @@ Three parts, each printing its figures with the conditions (torch version, threa
 3. ``cost``: from the same runs, the seconds the gate search took (10 epochs of gate learning
    plus the threshold search) against the seconds of one full dense training.
 
-    python bench/structured.py latency [--repeats 20]
+    python bench/structured.py latency [--repeats 20] [--forms eager,inference]
     python bench/structured.py accuracy [--model vgg11 --width 0.25 --epochs 10 --seeds 0,1]
     python bench/structured.py all      # both, then the cost
 """
@@ -133,6 +136,13 @@ def latency(args: argparse.Namespace) -> None:
             label: (optimize_for_inference(copy.deepcopy(model)), ratio)
             for label, (model, ratio) in candidates.items()
         }
+        probe = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            worst = max(
+                float((forms["inference"][label][0](probe) - model(probe)).abs().max())
+                for label, (model, _) in candidates.items()
+            )
+        print(f"prepared networks agree with their eager forms: max |difference| {worst:.2e}")
     started = time.perf_counter()
     timed = {
         (form, label): model
