@@ -20,7 +20,8 @@ DEFAULT_ROUNDS = {"synflow": 100}
 
 
 class LayerCollapseWarning(UserWarning):
-    """A pruning step left a layer with no weight: the network can no longer pass a signal."""
+    """A pruning step left a layer with no weight: in a chain of layers the network can no
+    longer pass a signal (an emptied residual shortcut only cuts that path)."""
 
 
 def prune_at_init(
