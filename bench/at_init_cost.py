@@ -5,7 +5,9 @@ For VGG-19 and ResNet-20 (CIFAR shape, 3x32x32, 10 classes), measured in one run
 - one forward+backward pass of a batch of 128 random examples (the unit for SNIP and GraSP);
 - SNIP on that batch, GraSP on it (temperature 200), each including winnow's private copy;
 - one forward+backward pass of a single all-ones sample (the unit for SynFlow);
-- SynFlow with 100 rounds to 1% density, with the time spent in selection reported apart.
+- SynFlow with 100 rounds to 1% density, with the time spent in selection reported apart;
+  its unit is timed after every round, inside the run, because this machine's speed swings by
+  2-4x within seconds (SNIP and GraSP are set against passes timed just before and after).
 
 Targets (issue 3): SNIP <= 1.5 passes, GraSP <= 4 passes, SynFlow-100 <= 100 single-sample
 passes + 20% for selection (i.e. <= 120).
@@ -75,7 +77,11 @@ def bench(name: str, repeat: int, synflow_repeat: int) -> None:
         lambda: criteria.score(model, "grasp", (x, y), samples=128), batch_pass, repeat, 1
     )
 
-    selecting = []
+    # SynFlow: the speed of this machine swings by 2-4x within seconds, so a baseline pass is
+    # timed after every round (inside the run, subtracted from its wall time): the rounds and
+    # their unit see the same machine. Selection = Survivors.select + zeroing the weights just
+    # removed, timed apart.
+    selecting, units = [], []
 
     def timed(fn):
         def wrapper(*args, **kwargs):
@@ -86,16 +92,28 @@ def bench(name: str, repeat: int, synflow_repeat: int) -> None:
 
         return wrapper
 
+    zero = timed(schedules._zero)
+
+    def zero_then_unit(*args, **kwargs):
+        zero(*args, **kwargs)  # the last call of a round
+        start = time.perf_counter()
+        single_pass()
+        units.append(time.perf_counter() - start)
+
     def synflow_run():
         selecting.clear()
+        units.clear()
+        start = time.perf_counter()
         masks = prune_at_init(model, "synflow", 0.01, input_shape=(3, 32, 32), rounds=100)
-        return masks, sum(selecting)
+        took = time.perf_counter() - start - sum(units)
+        unit = sum(units) / len(units)
+        return took / unit, unit, (masks, sum(selecting) / unit)
 
-    # selection = choosing the survivors (Survivors.select) + zeroing the weights just removed
     originals = Survivors.select, schedules._zero
-    Survivors.select, schedules._zero = timed(Survivors.select), timed(schedules._zero)
+    Survivors.select, schedules._zero = timed(Survivors.select), zero_then_unit
     try:
-        synflow = ratios(synflow_run, single_pass, synflow_repeat, 5)
+        single_pass()  # warm-up
+        synflow = [synflow_run() for _ in range(synflow_repeat)]
     finally:
         Survivors.select, schedules._zero = originals
     params = sum(w.numel() for w in weights)
@@ -110,7 +128,7 @@ def bench(name: str, repeat: int, synflow_repeat: int) -> None:
 
     print(f"  SNIP     {summary(snip)} batch passes   (target <= 1.5)")
     print(f"  GraSP    {summary(grasp)} batch passes   (target <= 4)")
-    select_share = sorted(sel / unit for _, unit, (_, sel) in synflow)
+    select_share = sorted(share for _, _, (_, share) in synflow)
     masks = synflow[0][2][0]
     print(
         f"  SynFlow  {summary(synflow)} single passes for 100 rounds (target <= 120), of which "

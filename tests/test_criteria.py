@@ -251,6 +251,23 @@ def test_iterative_pruning_equals_rescoring_from_scratch(method, scope):
     assert got == current
 
 
+def test_synflow_channels_last_copy_gives_the_same_scores():
+    model = models.create(
+        "vgg11", in_channels=3, input_size=32, widths=[8, 16, 16, 16, 32, 32, 32, 32]
+    )
+    fast = criteria.score(model, "synflow", input_shape=(3, 32, 32), channels_last=True)
+    plain = criteria.score(model, "synflow", input_shape=(3, 32, 32), channels_last=False)
+    for name, values in plain.items():
+        assert fast[name].shape == values.shape
+        torch.testing.assert_close(fast[name], values, rtol=1e-4, atol=1e-6 * values.max())
+    masks = prune_at_init(model, "synflow", 0.05, rounds=5, input_shape=(3, 32, 32))
+    reference = prune_at_init(
+        model, "synflow", 0.05, rounds=5, input_shape=(3, 32, 32), channels_last=False
+    )
+    assert masks.num_kept() == reference.num_kept()
+    assert masks.layer_density() == pytest.approx(reference.layer_density(), abs=0.01)
+
+
 class UserNet(nn.Module):
     """A user's own module: conv, BatchNorm, a residual addition, a linear head."""
 

@@ -178,3 +178,38 @@ def test_mixed_dtypes_and_infinities_select_quietly():
     assert masks["a"].tolist() == [False, True, False, True, False]
     assert masks["b"].tolist() == [True, False]
     assert masks["c"].tolist() == [True, True, False]
+
+
+def test_channels_last_scores_select_like_contiguous_ones(monkeypatch):
+    """Survivors read channels-last scores through their storage: same choices, round after
+    round, as the same scores in the default layout."""
+    import winnow.selection as selection
+    from winnow.selection import Survivors
+
+    monkeypatch.setattr(selection, "EXACT_BELOW", 500)
+    gen = torch.Generator().manual_seed(2)
+    shapes = {"conv": (16, 8, 3, 3), "fc": (10, 50)}
+    plain, strided = Survivors(shapes), Survivors(shapes)
+    for density in (0.6, 0.3, 0.1):
+        scores = {n: (torch.rand(s, generator=gen) * 30).round() for n, s in shapes.items()}
+        channels_last = dict(scores, conv=scores["conv"].to(memory_format=torch.channels_last))
+        assert not channels_last["conv"].is_contiguous()
+        removed = plain.select(scores, density)
+        assert {n: r.tolist() for n, r in strided.select(channels_last, density).items()} == {
+            n: r.tolist() for n, r in removed.items()
+        }
+        assert strided.masks() == plain.masks()
+
+
+@pytest.mark.parametrize("step", [3, 97])  # many (the position map) and few (arithmetic)
+def test_storage_offsets_of_a_channels_last_tensor(step):
+    import numpy as np
+
+    from winnow.selection import storage_offsets
+
+    tensor = torch.randn(6, 5, 3, 4).to(memory_format=torch.channels_last)
+    flat = np.arange(tensor.numel(), dtype=np.int32)[::step]
+    offsets = storage_offsets(flat, tensor.shape, tensor.stride())
+    storage = tensor.as_strided((tensor.numel(),), (1,))
+    expected = tensor.reshape(-1)[torch.from_numpy(flat.astype(np.int64))]
+    assert torch.equal(storage[torch.from_numpy(offsets.astype(np.int64))], expected)

@@ -137,6 +137,9 @@ class Survivors:
         if current is not None and set(current) != set(self.shapes):
             raise ValueError("scores and current masks cover different parameters")
         self.index: dict[str, np.ndarray | None] = {}
+        self._offsets: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
+        self.removed_offsets: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
+        self._scratch: np.ndarray | None = None
         for name, shape in self.shapes.items():
             if current is None:
                 self.index[name] = None
@@ -160,14 +163,26 @@ class Survivors:
         self, name: str, scores: Tensor, dtype: torch.dtype, out: np.ndarray | None = None
     ) -> np.ndarray:
         """The scores of ``name``'s alive weights, in position order, as a numpy array (written
-        into ``out`` when given). NaN and infinities are not yet replaced."""
+        into ``out`` when given). NaN and infinities are not yet replaced.
+
+        Scores in the channels-last layout are read through their storage, at offsets kept
+        alongside the indices, rather than copied to the default layout each round.
+        """
         if scores.shape != self.shapes[name]:
             raise ValueError(
                 f"scores for {name!r} have shape {tuple(scores.shape)}, expected "
                 f"{tuple(self.shapes[name])}"
             )
-        flat = scores.detach().reshape(-1).to("cpu", dtype).numpy()
         index = self.index[name]
+        values = scores.detach().to("cpu", dtype)
+        if index is not None and _is_channels_last(values):
+            cached = self._offsets.get(name)
+            if cached is None or cached[0] != values.stride():
+                offsets = storage_offsets(index, values.shape, values.stride())
+                cached = self._offsets[name] = (values.stride(), offsets)
+            flat, index = values.as_strided((values.numel(),), (1,)).numpy(), cached[1]
+        else:
+            flat = values.reshape(-1).numpy()
         if out is None:
             return flat if index is None else np.take(flat, index)
         if index is None:
@@ -186,9 +201,11 @@ class Survivors:
         """Keep the top ``round(density * n)`` alive weights, exactly as :func:`select`.
 
         The others are removed from the survivors; returns, per tensor, the flat indices
-        just removed (int64, on the CPU).
+        just removed (int64, on the CPU). For scores read through their storage (channels-last),
+        ``removed_offsets[name]`` holds (stride, storage offsets) of the same weights.
         """
         keep = self.choose(scores, density, scope, min_per_layer)
+        self.removed_offsets = {}
         removed = {}
         for name, chosen in keep.items():
             index = self.index[name]
@@ -197,8 +214,13 @@ class Survivors:
                 continue
             if index is None:
                 index = np.arange(chosen.size, dtype=_index_dtype(chosen.size))
-            removed[name] = torch.from_numpy(index[~chosen].astype(np.int64))
+            dead = np.flatnonzero(~chosen)  # few: read them by position, not by mask
+            removed[name] = torch.from_numpy(index[dead].astype(np.int64))
             self.index[name] = index[chosen]
+            if name in self._offsets:
+                stride, offsets = self._offsets[name]
+                self.removed_offsets[name] = (stride, offsets[dead])
+                self._offsets[name] = (stride, offsets[chosen])
         return removed
 
     def choose(
@@ -240,8 +262,8 @@ class Survivors:
             _check_alive(k, sum(counts.values()), "the model")
             # one buffer for all the alive scores: no concatenation, one finiteness check
             ends = np.cumsum(list(counts.values()))
-            buffer = np.empty(
-                int(ends[-1]), dtype=np.float64 if dtype == torch.float64 else np.float32
+            buffer = self._buffer(
+                int(ends[-1]), np.float64 if dtype == torch.float64 else np.float32
             )
             for name, start, end in zip(
                 self.shapes, ends - list(counts.values()), ends, strict=True
@@ -250,6 +272,13 @@ class Survivors:
             chosen = np.split(_keep_top(_finite(buffer), k), ends[:-1])
             keep = dict(zip(self.shapes, chosen, strict=True))
         return keep
+
+    def _buffer(self, size: int, dtype: type) -> np.ndarray:
+        """Scratch space for the alive scores, reused from round to round (fresh pages of a new
+        array cost a page fault each)."""
+        if self._scratch is None or self._scratch.dtype != dtype or self._scratch.size < size:
+            self._scratch = np.empty(size, dtype=dtype)
+        return self._scratch[:size]
 
     def masks(
         self,
@@ -286,6 +315,29 @@ def _keep_guarded(
     for flags, pick in zip(reserved.values(), picks, strict=True):
         flags[~flags] = pick
     return reserved
+
+
+def _is_channels_last(tensor: Tensor) -> bool:
+    return (
+        tensor.dim() == 4
+        and not tensor.is_contiguous()
+        and tensor.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
+def storage_offsets(flat: np.ndarray, shape: Sequence[int], stride: Sequence[int]) -> np.ndarray:
+    """Where the entries at ``flat`` (indices in the default row-major order) lie in the
+    storage of a dense tensor of ``shape`` and ``stride`` (e.g. channels-last)."""
+    numel = math.prod(shape)
+    dtype = flat.dtype if flat.dtype == np.int32 else np.int64
+    if flat.size * 8 > numel:  # many: read them off the map of every position
+        every = torch.arange(numel, dtype=torch.int32 if dtype == np.int32 else torch.int64)
+        table = every.as_strided(tuple(shape), tuple(stride)).reshape(-1).numpy()
+        return np.take(table, flat)
+    offsets = np.zeros(flat.shape, dtype=np.int64)
+    for coord, step in zip(np.unravel_index(flat, tuple(shape)), stride, strict=True):
+        offsets += coord.astype(np.int64) * step
+    return offsets.astype(dtype)
 
 
 def _index_dtype(size: int) -> type:

@@ -39,6 +39,7 @@ def synflow(
     data: DataSource | None = None,
     input_shape: tuple[int, ...] | None = None,
     dtype: torch.dtype | None = None,
+    channels_last: bool | None = None,
 ) -> dict[str, Tensor]:
     """SynFlow (Tanaka et al. 2020): ``|θ ⊙ ∂R/∂θ|``, data-free.
 
@@ -51,6 +52,11 @@ def synflow(
     with ``dtype=None`` the pass runs in float32 while R stays within 1e-30..1e30 and is redone
     in float64 otherwise (and stays in float64 for the later rounds of iterative pruning); the
     scores come in the dtype used. ``ValueError`` if R is not finite even in float64.
+
+    ``channels_last`` (default: on the CPU, for a model with 2-D convolutions) puts the private
+    copy in the channels-last memory format, whose single-sample pass oneDNN runs 1.3-1.8x
+    faster than the default layout's here (VGG-19, ResNet-20); the scores are the same up to
+    float rounding and come in the copy's layout.
     """
     shape = input_shape_of(data, input_shape)
     work.eval()
@@ -59,6 +65,12 @@ def synflow(
             for tensor in work.state_dict().values():
                 if tensor.is_floating_point():
                     tensor.abs_()
+        if channels_last is None:
+            channels_last = model_device(work).type == "cpu" and any(
+                isinstance(m, nn.Conv2d) for m in work.modules()
+            )
+        if channels_last:
+            work.to(memory_format=torch.channels_last)
         setattr(work, LINEARISED, True)
     current = next(iter(params.values())).dtype
     if dtype is not None:
@@ -86,8 +98,8 @@ def synflow(
 
 
 def _product(weight: Tensor, grad: Tensor) -> Tensor:
-    """``weight * grad``, written into ``grad`` (a fresh tensor) when it can be: a new 80 MB
-    tensor per round costs as much in page faults as the product itself."""
-    if grad.is_contiguous() and grad.dtype == weight.dtype and grad.shape == weight.shape:
+    """``weight * grad``, written into ``grad`` (a fresh tensor, in the weight's layout) when
+    it can be: a new 80 MB tensor per round costs as much in page faults as the product."""
+    if grad.stride() == weight.stride() and grad.dtype == weight.dtype:
         return grad.mul_(weight)
     return weight * grad

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from winnow.criteria._registry import lookup, working_copy
 from winnow.masks import Masks
-from winnow.selection import Survivors, check_density, exponential_densities
+from winnow.selection import Survivors, check_density, exponential_densities, storage_offsets
 
 DEFAULT_ROUNDS = {"synflow": 100}
 """Rounds used when ``rounds`` is not given (1 for every other criterion)."""
@@ -72,7 +73,7 @@ def prune_at_init(
     for target in tqdm(targets, desc=f"{method}", disable=None if progress else True, leave=False):
         scores = criterion.implementation(work, params, data, **options)
         removed = survivors.select(scores, target, scope=scope, min_per_layer=min_per_layer)
-        _zero(params, removed)
+        _zero(params, removed, survivors.removed_offsets)
     masks = survivors.masks({n: p.device for n, p in params.items()})
     collapsed = masks.collapsed_layers()
     if collapsed:
@@ -85,8 +86,15 @@ def prune_at_init(
     return masks
 
 
-def _zero(params: dict[str, nn.Parameter], removed: dict[str, Tensor]) -> None:
-    """Zero the weights just pruned (flat indices), leaving the others untouched."""
+def _zero(
+    params: dict[str, nn.Parameter],
+    removed: dict[str, Tensor],
+    offsets: dict[str, tuple[tuple[int, ...], np.ndarray]] | None = None,
+) -> None:
+    """Zero the weights just pruned (flat indices in the default layout), leaving the others
+    untouched; a channels-last weight is written through its storage, at ``offsets[name]``
+    when they are given for its stride (see :attr:`Survivors.removed_offsets`)."""
+    offsets = offsets or {}
     with torch.no_grad():
         for name, flat in removed.items():
             if flat.numel():
@@ -94,5 +102,18 @@ def _zero(params: dict[str, nn.Parameter], removed: dict[str, Tensor]) -> None:
                 index = flat.to(param.device)
                 if param.is_contiguous():
                     param.view(-1).index_fill_(0, index, 0)
+                elif param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
+                    stride, where = offsets.get(name, (None, None))
+                    if stride != param.stride():
+                        where = storage_offsets(flat.numpy(), param.shape, param.stride())
+                    storage = param.as_strided((param.numel(),), (1,))
+                    where = torch.from_numpy(where.astype(np.int64)).to(param.device)
+                    storage.index_fill_(0, where, 0)
                 else:
-                    param.copy_(param.reshape(-1).index_fill(0, index, 0).view_as(param))
+                    param.masked_fill_(_flat_mask(index, param), 0)
+
+
+def _flat_mask(index: Tensor, like: Tensor) -> Tensor:
+    mask = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
+    mask[index] = True
+    return mask.view(like.shape)
