@@ -176,6 +176,11 @@ def test_corrupted_and_truncated_files_raise_clear_errors(tmp_path):
     with pytest.raises(MaskFileError, match="not a winnow mask file"):
         Masks.load(tmp_path / "foreign")
 
+    nested = {"winnow": "[" * 100_000 + "]" * 100_000}  # JSON too deep to parse
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "deep"), metadata=nested)
+    with pytest.raises(MaskFileError, match="not a winnow mask file"):
+        Masks.load(tmp_path / "deep")
+
     with pytest.raises(FileNotFoundError):
         Masks.load(tmp_path / "missing")
 

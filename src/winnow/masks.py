@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -355,34 +356,55 @@ class Masks(Mapping[str, Tensor]):
         return cls(masks)
 
 
+def read_header_table(
+    metadata: Mapping[str, str],
+    path: Path,
+    file_format: str,
+    max_version: int,
+    table: str,
+    kind: str,
+    invalid: Exception,
+) -> tuple[list[str], dict[str, Any]]:
+    """The ``order`` of names and the ``table`` of per-tensor entries of a winnow file's JSON
+    metadata (key ``"winnow"``), after checking its format and version.
+
+    Raises ``invalid`` for anything malformed (unreadable or deeply nested JSON, another
+    format, a non-integer version, names that are not unique strings matching the table), and
+    an error of the same type naming both versions for a file newer than ``max_version``.
+    """
+    try:
+        header = json.loads(metadata["winnow"])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise invalid from None
+    if not isinstance(header, dict) or header.get("format") != file_format:
+        raise invalid
+    version = header.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise invalid
+    if version > max_version:
+        raise type(invalid)(
+            f"{path}: {kind} version {version} is newer than this winnow supports ({max_version})"
+        )
+    order, entries = header.get("order"), header.get(table)
+    if (
+        not isinstance(order, list)
+        or not all(isinstance(n, str) for n in order)
+        or not isinstance(entries, dict)
+        or len(set(order)) != len(order)
+        or set(order) != set(entries)
+    ):
+        raise invalid
+    return order, entries
+
+
 def _parse_header(
     metadata: Mapping[str, str], path: Path
 ) -> tuple[list[str], dict[str, tuple[tuple[int, ...], str]]]:
     """Validate a mask file's JSON metadata: the order of names, each shape and checksum."""
     invalid = MaskFileError(f"{path}: not a winnow mask file (missing or invalid metadata)")
-    try:
-        header = json.loads(metadata["winnow"])
-    except (KeyError, TypeError, ValueError):
-        raise invalid from None
-    if not isinstance(header, dict) or header.get("format") != FILE_FORMAT:
-        raise invalid
-    version = header.get("version")
-    if not isinstance(version, int):
-        raise invalid
-    if version > FILE_VERSION:
-        raise MaskFileError(
-            f"{path}: mask file version {version} is newer than this winnow supports "
-            f"({FILE_VERSION})"
-        )
-    order, raw = header.get("order"), header.get("masks")
-    if (
-        not isinstance(order, list)
-        or not all(isinstance(n, str) for n in order)
-        or not isinstance(raw, dict)
-        or set(order) != set(raw)
-        or len(set(order)) != len(order)
-    ):
-        raise invalid
+    order, raw = read_header_table(
+        metadata, path, FILE_FORMAT, FILE_VERSION, "masks", "mask file", invalid
+    )
     entries = {}
     for name in order:
         entry = raw[name]

@@ -47,7 +47,7 @@ from winnow.formats.encodings import (
     encode,
 )
 from winnow.formats.errors import SparseFileError
-from winnow.masks import atomic_write_bytes
+from winnow.masks import atomic_write_bytes, read_header_table
 
 FILE_FORMAT = "winnow.sparse"
 FILE_VERSION = 1
@@ -293,29 +293,9 @@ def _parse_entry(path: Path, name: str, raw: Any, max_tensor_bytes: int) -> _Ent
 
 def _parse_header(metadata: Mapping[str, str], path: Path, max_tensor_bytes: int) -> list[_Entry]:
     invalid = SparseFileError(f"{path}: not a winnow sparse checkpoint (no valid metadata)")
-    try:
-        header = json.loads(metadata["winnow"])
-    except (KeyError, TypeError, ValueError, RecursionError):
-        raise invalid from None
-    if not isinstance(header, dict) or header.get("format") != FILE_FORMAT:
-        raise invalid
-    version = header.get("version")
-    if not _is_int(version):
-        raise invalid
-    if version > FILE_VERSION:
-        raise SparseFileError(
-            f"{path}: sparse checkpoint version {version} is newer than this winnow "
-            f"supports ({FILE_VERSION})"
-        )
-    order, tensors = header.get("order"), header.get("tensors")
-    if (
-        not isinstance(order, list)
-        or not all(isinstance(n, str) for n in order)
-        or not isinstance(tensors, dict)
-        or len(set(order)) != len(order)
-        or set(order) != set(tensors)
-    ):
-        raise invalid
+    order, tensors = read_header_table(
+        metadata, path, FILE_FORMAT, FILE_VERSION, "tensors", "sparse checkpoint", invalid
+    )
     return [_parse_entry(path, name, tensors[name], max_tensor_bytes) for name in order]
 
 
