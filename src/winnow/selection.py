@@ -370,8 +370,6 @@ def select(
     The masks are on the devices of the scores. Ties are broken by position: the first tensor
     first, then the flat index.
     """
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
     survivors = Survivors({n: s.shape for n, s in scores.items()}, current)
     keep = survivors.choose(scores, density, scope=scope, min_per_layer=min_per_layer)
     return survivors.masks({n: s.device for n, s in scores.items()}, keep)

@@ -99,9 +99,8 @@ def _zero(
         for name, flat in removed.items():
             if flat.numel():
                 param = params[name]
-                index = flat.to(param.device)
                 if param.is_contiguous():
-                    param.view(-1).index_fill_(0, index, 0)
+                    param.view(-1).index_fill_(0, flat.to(param.device), 0)
                 elif param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
                     stride, where = offsets.get(name, (None, None))
                     if stride != param.stride():
@@ -110,7 +109,7 @@ def _zero(
                     where = torch.from_numpy(where.astype(np.int64)).to(param.device)
                     storage.index_fill_(0, where, 0)
                 else:
-                    param.masked_fill_(_flat_mask(index, param), 0)
+                    param.masked_fill_(_flat_mask(flat.to(param.device), param), 0)
 
 
 def _flat_mask(index: Tensor, like: Tensor) -> Tensor:
