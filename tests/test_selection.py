@@ -184,7 +184,7 @@ def test_channels_last_scores_select_like_contiguous_ones(monkeypatch):
     """Survivors read channels-last scores through their storage: same choices, round after
     round, as the same scores in the default layout."""
     import winnow.selection as selection
-    from winnow.selection import Survivors
+    from winnow.selection import Survivors, flat_indices
 
     monkeypatch.setattr(selection, "EXACT_BELOW", 500)
     gen = torch.Generator().manual_seed(2)
@@ -195,7 +195,11 @@ def test_channels_last_scores_select_like_contiguous_ones(monkeypatch):
         channels_last = dict(scores, conv=scores["conv"].to(memory_format=torch.channels_last))
         assert not channels_last["conv"].is_contiguous()
         removed = plain.select(scores, density)
-        assert {n: r.tolist() for n, r in strided.select(channels_last, density).items()} == {
+        got = strided.select(channels_last, density)
+        assert strided.strides["conv"] == channels_last["conv"].stride()
+        assert got["conv"].tolist() == sorted(got["conv"].tolist())  # in storage order
+        flat = {n: flat_indices(r.numpy(), shapes[n], strided.strides[n]) for n, r in got.items()}
+        assert {n: sorted(f.tolist()) for n, f in flat.items()} == {
             n: r.tolist() for n, r in removed.items()
         }
         assert strided.masks() == plain.masks()

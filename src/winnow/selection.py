@@ -19,13 +19,17 @@ weights as index lists, so each round of iterative pruning works on the survivor
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from winnow import _kernels
 from winnow.masks import Masks
 
 SCOPES = ("global", "layer")
@@ -47,81 +51,192 @@ def check_sparsity(sparsity: float) -> float:
     return value
 
 
-EXACT_BELOW = 1 << 20
+EXACT_BELOW = 1 << 16
 """Below this many candidates the threshold is found exactly by a partition of all of them."""
 SAMPLE_SIZE = 1 << 16
 
+T = TypeVar("T")
 
-def _kth_largest(values: np.ndarray, k: int) -> tuple[np.generic, np.ndarray | None]:
-    """The k-th largest entry (1-based, 1 <= k <= len) of a 1-D array, exactly, and the
-    positions of a band of entries that holds every entry equal to it (``None``: anywhere).
+Rank = Callable[[np.ndarray], np.ndarray]
+"""Positions in an array of candidates -> keys in the order ties are broken (lowest first)."""
 
-    Large arrays are never sorted: a seeded sample of 65,536 entries brackets the answer
-    between two sample quantiles (4 standard deviations of the sampling error on each side);
-    one pass counts the values above the bracket and another finds the few inside it, and the
-    answer is found among those by a partition. If the bracket misses (rare), all values are
-    partitioned instead.
+
+def _sample_positions(m: int, k: int) -> np.ndarray:
+    """A seeded, stratified sample of positions in [0, m): one at random in each of
+    ``SAMPLE_SIZE`` equal strata, so it comes sorted (cheap to read) and its quantiles vary no
+    more than those of a simple random sample."""
+    size = min(SAMPLE_SIZE, max(m // 16, 1))
+    starts = np.arange(size, dtype=np.int64) * m // size
+    widths = np.diff(starts, append=m)
+    rng = np.random.default_rng(m ^ (k << 1))
+    return starts + (rng.random(size) * widths).astype(np.int64)
+
+
+def _bracket(sample: np.ndarray, k: int, m: int) -> tuple[np.generic, np.generic]:
+    """Two quantiles of a sample of m values that hold the k-th largest of the m between
+    them with high probability (4 standard deviations of the sampling error on each side)."""
+    fraction_above = k / m
+    rank = sample.size * (1 - fraction_above)
+    margin = 4 * math.sqrt(sample.size * fraction_above * (1 - fraction_above)) + 8
+    ends = sorted({max(int(rank - margin), 0), min(int(rank + margin), sample.size - 1)})
+    sample.partition(ends)
+    return sample[ends[0]], sample[ends[-1]]
+
+
+def _kth_largest(values: np.ndarray, k: int) -> tuple[np.generic, int, np.ndarray | None]:
+    """The k-th largest entry t (1-based, 1 <= k <= len) of a 1-D array, exactly; how many
+    entries are greater than t; and the positions of a band of entries that holds every entry
+    equal to t (``None``: anywhere).
+
+    Large arrays are never sorted: a sample brackets the answer (:func:`_bracket`); one pass
+    counts the values above the bracket and finds the few inside it, and the answer is found
+    among those by a partition. If the bracket misses (rare), all values are partitioned
+    instead.
     """
     m = values.size
     if m > EXACT_BELOW:
-        rng = np.random.default_rng(m ^ (k << 1))
-        sample = np.sort(values[rng.integers(0, m, SAMPLE_SIZE)])
-        fraction_above = k / m
-        rank = sample.size * (1 - fraction_above)
-        margin = 4 * math.sqrt(sample.size * fraction_above * (1 - fraction_above)) + 8
-        lo = sample[max(int(rank - margin), 0)]
-        hi = sample[min(int(rank + margin), sample.size - 1)]
-        need = k - int(np.count_nonzero(values > hi))
-        band = np.flatnonzero((values >= lo) & (values <= hi))
-        if 0 < need <= band.size:
-            inside = values[band]
-            return np.partition(inside, inside.size - need)[inside.size - need], band
-    return np.partition(values, m - k)[m - k], None
+        above, band = _band(values, *_bracket(values[_sample_positions(m, k)], k, m))
+        need, inside = k - above, band.size
+        if 0 < need <= inside:
+            candidates = values[band]
+            threshold = np.partition(candidates, inside - need)[inside - need]
+            return threshold, above + int(np.count_nonzero(candidates > threshold)), band
+    threshold = np.partition(values, m - k)[m - k]
+    return threshold, int(np.count_nonzero(values > threshold)), None
 
 
-def _keep_top(values: np.ndarray, k: int) -> np.ndarray:
-    """Boolean flags of the k largest entries of ``values``; ties broken by position (the
-    earlier entry is kept), so exactly k are chosen."""
+def _band(values: np.ndarray, low: np.generic, high: np.generic) -> tuple[int, np.ndarray]:
+    """How many values are above ``high``, and the positions of those in [low, high]."""
+    inside = np.empty(values.size, dtype=bool)
+    above, _ = _kernels.band(values, low, high, inside, _workers())
+    return above, np.flatnonzero(inside)
+
+
+def _workers() -> int:
+    """Threads for the compiled passes: torch's intra-op count, at most 4 (memory-bound
+    passes gain little beyond)."""
+    return max(1, min(torch.get_num_threads(), 4))
+
+
+PARALLEL_ABOVE = 1 << 18
+"""Work (entries) below which the passes run in the calling thread."""
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def run_balanced(jobs: Sequence[tuple[int, Callable[[], T]]]) -> list[T]:
+    """Run ``(cost, job)`` pairs, in groups of about equal total cost on as many threads as
+    :func:`_workers` allows (the compiled passes release the GIL); results in the jobs' order."""
+    global _POOL
+    workers = _workers()
+    if workers == 1 or sum(cost for cost, _ in jobs) < PARALLEL_ABOVE or len(jobs) < 2:
+        return [job() for _, job in jobs]
+    groups: list[list[int]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][0]):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(i)
+        loads[lightest] += jobs[i][0]
+    if _POOL is None or _POOL._max_workers < workers - 1:
+        _POOL = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="winnow")
+    results: list = [None] * len(jobs)
+
+    def run(group: list[int]) -> None:
+        for i in group:
+            results[i] = jobs[i][1]()
+
+    pending = [_POOL.submit(run, g) for g in groups[1:] if g]
+    run(groups[0])
+    for future in pending:
+        future.result()
+    return results
+
+
+Cut = tuple[np.generic, "np.ndarray | None"]
+"""Where a top-k ends: (threshold, tied), keeping the entries above the threshold and, of
+those equal to it, all (``tied`` is ``None``) or those at the sorted positions ``tied``."""
+
+
+def _cut(values: np.ndarray, k: int, rank: Rank | None = None) -> Cut:
+    """The cut that keeps exactly the k largest entries of ``values``: ties are broken by
+    position (the earlier entry is kept), or by ``rank`` of the positions when given."""
     if k <= 0:
-        return np.zeros(values.size, dtype=bool)
+        return values.dtype.type(np.inf), _NONE
     if k >= values.size:
-        return np.ones(values.size, dtype=bool)
-    threshold, band = _kth_largest(values, k)
+        return values.dtype.type(-np.inf), None
+    threshold, greater, band = _kth_largest(values, k)
+    ties = np.flatnonzero(values == threshold) if band is None else band[values[band] == threshold]
+    missing = k - greater
+    if missing == ties.size:
+        return threshold, None
+    if rank is None:
+        return threshold, ties[:missing]
+    keys = rank(ties)  # unique: exactly `missing` are at or below the missing-th smallest
+    return threshold, ties[keys <= np.partition(keys, missing - 1)[missing - 1]]
+
+
+def _flags(values: np.ndarray, cut: Cut) -> np.ndarray:
+    """Boolean flags of the entries a cut keeps."""
+    threshold, tied = cut
+    if tied is None:
+        return values >= threshold
     keep = values > threshold
-    missing = k - int(np.count_nonzero(keep))
-    if missing > 0:
-        if band is None:
-            ties = np.flatnonzero(values == threshold)
-        else:
-            ties = band[values[band] == threshold]
-        keep[ties[:missing]] = True
+    keep[tied] = True
     return keep
+
+
+def _keep_top(values: np.ndarray, k: int, rank: Rank | None = None) -> np.ndarray:
+    """Boolean flags of the k largest entries of ``values``, exactly k of them: ties are broken
+    by position (the earlier entry is kept), or by ``rank`` of the positions when given."""
+    return _flags(values, _cut(values, k, rank))
+
+
+class AbsProductScores(Mapping[str, Tensor]):
+    """Scores of the form ``|a ⊙ b|`` per tensor (SynFlow's ``|θ ⊙ ∂R/∂θ|``), formed only where
+    they are read.
+
+    Indexing forms the dense tensor, as torch computes it; :class:`Survivors` compute the
+    product at the alive weights only, in the same floating-point arithmetic, instead of
+    forming it for every weight each round. The factors are held, not copied: read the scores
+    before changing them.
+    """
+
+    def __init__(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+        self.factors = dict(factors)
+
+    def __getitem__(self, name: str) -> Tensor:
+        a, b = self.factors[name]
+        return (a * b).abs_()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+
+def _factors(scores: Mapping[str, Tensor], name: str) -> tuple[Tensor, ...]:
+    if isinstance(scores, AbsProductScores):
+        return scores.factors[name]
+    return (scores[name],)
 
 
 def _float_dtype(scores: Mapping[str, Tensor]) -> torch.dtype:
     """float64 if any score is float64, else float32 (numpy has no bfloat16)."""
-    wide = any(s.dtype == torch.float64 for s in scores.values())
+    wide = any(t.dtype == torch.float64 for n in scores for t in _factors(scores, n))
     return torch.float64 if wide else torch.float32
-
-
-def _finite(values: np.ndarray) -> np.ndarray:
-    """NaN and -inf become the lowest finite value (kept only when nothing else is left), +inf
-    the largest."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        if np.isfinite(values.sum()):  # one cheap reduction proves there is nothing to replace
-            return values
-    info = np.finfo(values.dtype)
-    return np.nan_to_num(values, nan=info.min, neginf=info.min, posinf=info.max)
 
 
 class Survivors:
     """The weights still alive while pruning, and exact top-k selection among them.
 
-    Per tensor, the alive entries are held as their sorted flat indices (``None`` while all are
-    alive), so a round of iterative pruning costs time in proportion to the weights still
-    alive, not to all of them: over SynFlow's 100 rounds to 1% density the alive weights add
-    up to about 21 times the model's, instead of 100 times. :func:`select` is one round of
-    this.
+    Per tensor, the alive entries are held as their sorted positions in the storage of the
+    scores (``None`` while all are alive; ``strides[name]`` is the layout they refer to,
+    channels-last for SynFlow's convolutions), so a round of iterative pruning reads, ranks and
+    compacts only the weights still alive, each in one compiled pass: over SynFlow's 100
+    rounds to 1% density the alive weights add up to about 21 times the model's, instead of
+    100 times. Ties are broken by the flat index in the default layout whatever the storage
+    order. :func:`select` is one round of this.
 
     Args:
         shapes: parameter name -> shape, in the order ties are broken (first tensor first).
@@ -136,9 +251,8 @@ class Survivors:
             raise ValueError("no scores to select from")
         if current is not None and set(current) != set(self.shapes):
             raise ValueError("scores and current masks cover different parameters")
+        self.strides = {n: _contiguous_stride(s) for n, s in self.shapes.items()}
         self.index: dict[str, np.ndarray | None] = {}
-        self._offsets: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
-        self.removed_offsets: dict[str, tuple[tuple[int, ...], np.ndarray]] = {}
         self._scratch: np.ndarray | None = None
         for name, shape in self.shapes.items():
             if current is None:
@@ -159,38 +273,6 @@ class Survivors:
             n: self.shapes[n].numel() if i is None else int(i.size) for n, i in self.index.items()
         }
 
-    def alive_values(
-        self, name: str, scores: Tensor, dtype: torch.dtype, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The scores of ``name``'s alive weights, in position order, as a numpy array (written
-        into ``out`` when given). NaN and infinities are not yet replaced.
-
-        Scores in the channels-last layout are read through their storage, at offsets kept
-        alongside the indices, rather than copied to the default layout each round.
-        """
-        if scores.shape != self.shapes[name]:
-            raise ValueError(
-                f"scores for {name!r} have shape {tuple(scores.shape)}, expected "
-                f"{tuple(self.shapes[name])}"
-            )
-        index = self.index[name]
-        values = scores.detach().to("cpu", dtype)
-        if index is not None and _is_channels_last(values):
-            cached = self._offsets.get(name)
-            if cached is None or cached[0] != values.stride():
-                offsets = storage_offsets(index, values.shape, values.stride())
-                cached = self._offsets[name] = (values.stride(), offsets)
-            flat, index = values.as_strided((values.numel(),), (1,)).numpy(), cached[1]
-        else:
-            flat = values.reshape(-1).numpy()
-        if out is None:
-            return flat if index is None else np.take(flat, index)
-        if index is None:
-            out[:] = flat
-        else:
-            np.take(flat, index, out=out, mode="clip")  # "raise" would buffer the output
-        return out
-
     def select(
         self,
         scores: Mapping[str, Tensor],
@@ -200,27 +282,30 @@ class Survivors:
     ) -> dict[str, Tensor]:
         """Keep the top ``round(density * n)`` alive weights, exactly as :func:`select`.
 
-        The others are removed from the survivors; returns, per tensor, the flat indices
-        just removed (int64, on the CPU). For scores read through their storage (channels-last),
-        ``removed_offsets[name]`` holds (stride, storage offsets) of the same weights.
+        The others are removed from the survivors; returns, per tensor, the weights just
+        removed as int64 positions (on the CPU) in the storage of a tensor laid out with
+        ``strides[name]`` (:func:`flat_indices` turns them into flat indices).
         """
-        keep = self.choose(scores, density, scope, min_per_layer)
-        self.removed_offsets = {}
-        removed = {}
-        for name, chosen in keep.items():
+        cuts = self._decide(scores, density, scope, min_per_layer)
+        jobs, outputs = [], {}
+        for name, (values, (threshold, tied)) in cuts.items():
             index = self.index[name]
-            if index is None and chosen.all():
-                removed[name] = torch.zeros(0, dtype=torch.int64)
-                continue
-            if index is None:
-                index = np.arange(chosen.size, dtype=_index_dtype(chosen.size))
-            dead = np.flatnonzero(~chosen)  # few: read them by position, not by mask
-            removed[name] = torch.from_numpy(index[dead].astype(np.int64))
-            self.index[name] = index[chosen]
-            if name in self._offsets:
-                stride, offsets = self._offsets[name]
-                self.removed_offsets[name] = (stride, offsets[dead])
-                self._offsets[name] = (stride, offsets[chosen])
+            dense = index is None
+            kept = np.empty(values.size, _index_dtype(values.size)) if dense else index
+            gone = np.empty(values.size, dtype=np.int64)  # pages beyond the count stay untouched
+            outputs[name] = kept, gone
+            arguments = (
+                values, threshold, _NONE if tied is None else tied, tied is None,
+                _ALL if dense else index, dense, kept, gone,
+            )  # fmt: skip
+            jobs.append((values.size, functools.partial(_kernels.compact, *arguments)))
+        removed = {}
+        for (name, (kept, gone)), (count, dropped) in zip(
+            outputs.items(), run_balanced(jobs), strict=True
+        ):
+            if not (self.index[name] is None and dropped == 0):
+                self.index[name] = kept[:count]
+            removed[name] = torch.from_numpy(gone[:dropped])
         return removed
 
     def choose(
@@ -231,47 +316,149 @@ class Survivors:
         min_per_layer: int = 0,
     ) -> dict[str, np.ndarray]:
         """Which alive weights :meth:`select` would keep, as boolean flags per tensor (one per
-        alive weight, in position order); the survivors are not changed."""
+        alive weight, in the order of ``index[name]``); the set of survivors is not changed
+        (their positions follow the layout of ``scores``)."""
+        return {
+            n: _flags(values, cut)
+            for n, (values, cut) in self._decide(scores, density, scope, min_per_layer).items()
+        }
+
+    def _decide(
+        self,
+        scores: Mapping[str, Tensor],
+        density: float | Mapping[str, float],
+        scope: str,
+        min_per_layer: int,
+    ) -> dict[str, tuple[np.ndarray, Cut]]:
+        """Per tensor, the alive weights' scores (in the order of ``index[name]``) and the cut
+        that keeps the chosen ones."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
         if set(scores) != set(self.shapes):
             raise ValueError("scores and current masks cover different parameters")
         if min_per_layer < 0:
             raise ValueError(f"min_per_layer must be >= 0, got {min_per_layer}")
-        dtype = _float_dtype(scores)
-        counts = self.counts()
-        total = sum(s.numel() for s in self.shapes.values())
-        if isinstance(density, Mapping) or scope == "layer":
-            if isinstance(density, Mapping):
-                missing = set(self.shapes) - set(density)
-                if missing:
-                    raise ValueError(f"no density given for {sorted(missing)[:3]}")
-                fractions = {n: check_density(density[n], f"density of {n}") for n in self.shapes}
-            else:
-                fractions = dict.fromkeys(self.shapes, check_density(density))
-            keep = {}
-            for name, shape in self.shapes.items():
-                k = max(round(fractions[name] * shape.numel()), min(min_per_layer, counts[name]))
-                _check_alive(k, counts[name], repr(name))
-                keep[name] = _keep_top(_finite(self.alive_values(name, scores[name], dtype)), k)
-        elif min_per_layer:
-            values = {n: _finite(self.alive_values(n, scores[n], dtype)) for n in self.shapes}
-            keep = _keep_guarded(values, round(check_density(density) * total), min_per_layer)
+        layered = isinstance(density, Mapping) or scope == "layer"
+        if isinstance(density, Mapping):
+            missing = set(self.shapes) - set(density)
+            if missing:
+                raise ValueError(f"no density given for {sorted(missing)[:3]}")
+            fractions = {n: check_density(density[n], f"density of {n}") for n in self.shapes}
         else:
-            k = round(check_density(density) * total)
-            _check_alive(k, sum(counts.values()), "the model")
-            # one buffer for all the alive scores: no concatenation, one finiteness check
-            ends = np.cumsum(list(counts.values()))
-            buffer = self._buffer(
-                int(ends[-1]), np.float64 if dtype == torch.float64 else np.float32
-            )
-            for name, start, end in zip(
-                self.shapes, ends - list(counts.values()), ends, strict=True
-            ):
-                self.alive_values(name, scores[name], dtype, out=buffer[start:end])
-            chosen = np.split(_keep_top(_finite(buffer), k), ends[:-1])
-            keep = dict(zip(self.shapes, chosen, strict=True))
-        return keep
+            fractions = dict.fromkeys(self.shapes, check_density(density))
+        dtype = _float_dtype(scores)
+        counts = list(self.counts().values())
+        ends = np.cumsum(counts)
+        starts, alive = ends - counts, int(ends[-1])
+        total = sum(s.numel() for s in self.shapes.values())
+        k = round(fractions[next(iter(self.shapes))] * total)  # the global k
+        if not layered:
+            _check_alive(k, alive, "the model")
+        # one buffer for all the alive scores, reused from round to round
+        buffer = self._buffer(alive, np.float64 if dtype == torch.float64 else np.float32)
+        values = {n: buffer[a:b] for n, a, b in zip(self.shapes, starts, ends, strict=True)}
+        for job in [self._gather(n, scores, dtype, v) for n, v in values.items()]:
+            job()  # each in parallel parts
+        ranks = {n: self._rank(n) for n in self.shapes}
+        if layered:
+            cuts = {}
+            for (name, shape), count in zip(self.shapes.items(), counts, strict=True):
+                k = max(round(fractions[name] * shape.numel()), min(min_per_layer, count))
+                _check_alive(k, count, repr(name))
+                cuts[name] = values[name], _cut(values[name], k, ranks[name])
+            return cuts
+        if min_per_layer:  # flags are the cut at 0 of themselves as 0/1 values
+            flags = self._keep_guarded(values, k, min_per_layer, ranks)
+            return {n: (f.view(np.uint8), (np.uint8(0), _NONE)) for n, f in flags.items()}
+        rank = _concatenated_rank(counts, list(ranks.values()), self._bases())
+        threshold, tied = _cut(buffer, k, rank)
+        cuts = {}
+        for name, start, end in zip(self.shapes, starts, ends, strict=True):
+            if tied is not None:
+                lo, hi = np.searchsorted(tied, [start, end])
+                cuts[name] = values[name], (threshold, tied[lo:hi] - start)
+            else:
+                cuts[name] = values[name], (threshold, None)
+        return cuts
+
+    def _keep_guarded(
+        self,
+        values: dict[str, np.ndarray],
+        k: int,
+        min_per_layer: int,
+        ranks: dict[str, Rank | None],
+    ) -> dict[str, np.ndarray]:
+        """Global top-k with a guard: each tensor's best ``min_per_layer`` first (they count
+        towards k), then the best of the rest."""
+        reserved = {
+            n: _keep_top(v, min(min_per_layer, v.size), ranks[n]) for n, v in values.items()
+        }
+        k = max(k - sum(int(np.count_nonzero(r)) for r in reserved.values()), 0)
+        others = {n: np.flatnonzero(~r) for n, r in reserved.items()}
+        rest = np.concatenate([values[n][at] for n, at in others.items()])
+        sizes = [at.size for at in others.values()]
+        rest_ranks = [
+            None if ranks[n] is None else _composed(ranks[n], at) for n, at in others.items()
+        ]
+        picks = _keep_top(rest, k, _concatenated_rank(sizes, rest_ranks, self._bases()))
+        for flags, pick in zip(
+            reserved.values(), np.split(picks, np.cumsum(sizes)[:-1]), strict=True
+        ):
+            flags[~flags] = pick
+        return reserved
+
+    def _gather(
+        self, name: str, scores: Mapping[str, Tensor], dtype: torch.dtype, out: np.ndarray
+    ) -> Callable[[], None]:
+        """The job that writes the scores of ``name``'s alive weights to ``out``, in the order
+        of ``index[name]``, NaN and -inf as the lowest finite value, +inf as the largest (the
+        shapes are checked and the layout of the positions settled before it is returned)."""
+        factors = _factors(scores, name)
+        for tensor in factors:
+            if tensor.shape != self.shapes[name]:
+                raise ValueError(
+                    f"scores for {name!r} have shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(self.shapes[name])}"
+                )
+        if len(factors) > 1 and any(t.dtype != dtype for t in factors):
+            factors = (scores[name],)  # the product in the factors' own dtype, as torch forms it
+        tensors = [t.detach().to("cpu", dtype) for t in factors]
+        if len({t.stride() for t in tensors}) > 1 or not all(map(dense_layout, tensors)):
+            tensors = [t.contiguous() for t in tensors]
+        self._relayout(name, tensors[0].stride())
+        flats = [t.as_strided((t.numel(),), (1,)).numpy() for t in tensors]
+        kernel = _kernels.gather if len(flats) == 1 else _kernels.gather_abs_product
+        info = np.finfo(out.dtype)
+        low, high = out.dtype.type(info.min), out.dtype.type(info.max)
+        index = self.index[name]
+        positions = _ALL if index is None else index
+        return functools.partial(
+            kernel, *flats, positions, index is None, low, high, out, _workers()
+        )
+
+    def _relayout(self, name: str, stride: tuple[int, ...]) -> None:
+        """Make ``index[name]`` refer to storage laid out with ``stride`` (sorted again)."""
+        old = self.strides[name]
+        if stride == old:
+            return
+        index = self.index[name]
+        if index is not None:
+            flat = flat_indices(index, self.shapes[name], old)
+            self.index[name] = np.sort(storage_offsets(flat, self.shapes[name], stride))
+        self.strides[name] = stride
+
+    def _rank(self, name: str) -> Rank | None:
+        """Tie order among ``name``'s alive weights (positions in ``index[name]``): the flat
+        index; ``None`` when the storage order is already that."""
+        shape, stride = self.shapes[name], self.strides[name]
+        if stride == _contiguous_stride(shape):
+            return None
+        index = self.index[name]
+        return lambda at: flat_indices(at if index is None else index[at], shape, stride)
+
+    def _bases(self) -> list[int]:
+        """Offsets that put each tensor's tie keys after the previous tensor's."""
+        return list(np.cumsum([0] + [s.numel() for s in self.shapes.values()])[:-1])
 
     def _buffer(self, size: int, dtype: type) -> np.ndarray:
         """Scratch space for the alive scores, reused from round to round (fresh pages of a new
@@ -296,33 +483,63 @@ class Survivors:
             else:
                 full = np.zeros(shape.numel(), dtype=bool)
                 full[index if flags is None else index[flags]] = True
-            mask = torch.from_numpy(full).reshape(shape)
+            mask = torch.from_numpy(full).as_strided(shape, self.strides[name]).contiguous()
             out[name] = mask.to(devices[name]) if devices is not None else mask
         return Masks(out)
 
 
-def _keep_guarded(
-    values: dict[str, np.ndarray], k: int, min_per_layer: int
-) -> dict[str, np.ndarray]:
-    """Global top-k with a guard: each tensor's best ``min_per_layer`` first (they count
-    towards k), then the best of the rest."""
-    _check_alive(k, sum(v.size for v in values.values()), "the model")
-    reserved = {n: _keep_top(v, min(min_per_layer, v.size)) for n, v in values.items()}
-    k = max(k - sum(int(np.count_nonzero(r)) for r in reserved.values()), 0)
-    rest = np.concatenate([v[~reserved[n]] for n, v in values.items()])
-    others = [int(np.count_nonzero(~r)) for r in reserved.values()]
-    picks = np.split(_keep_top(rest, k), np.cumsum(others)[:-1])
-    for flags, pick in zip(reserved.values(), picks, strict=True):
-        flags[~flags] = pick
-    return reserved
+_ALL = np.empty(0, dtype=np.int32)
+"""The positions argument of a kernel told that every position is alive."""
+_NONE = np.empty(0, dtype=np.intp)
+"""No position."""
 
 
-def _is_channels_last(tensor: Tensor) -> bool:
-    return (
-        tensor.dim() == 4
-        and not tensor.is_contiguous()
-        and tensor.is_contiguous(memory_format=torch.channels_last)
-    )
+def _composed(rank: Rank, where: np.ndarray) -> Rank:
+    return lambda at: rank(where[at])
+
+
+def _concatenated_rank(
+    sizes: Sequence[int], ranks: Sequence[Rank | None], bases: Sequence[int]
+) -> Rank | None:
+    """Tie order over segments laid end to end: segment by segment (keys from ``bases``), then
+    each one's own ``rank`` (``None``: its positions are already in order)."""
+    if all(r is None for r in ranks):
+        return None
+    ends = np.cumsum(sizes)
+
+    def rank(at: np.ndarray) -> np.ndarray:
+        which = np.searchsorted(ends, at, side="right")
+        keys = np.empty(at.size, dtype=np.int64)
+        for segment in np.unique(which):
+            chosen = which == segment
+            local = at[chosen] - (ends[segment] - sizes[segment])
+            own = ranks[segment]
+            keys[chosen] = bases[segment] + (local if own is None else own(local))
+        return keys
+
+    return rank
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride, step = [], 1
+    for size in reversed(tuple(shape)):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def dense_layout(tensor: Tensor) -> bool:
+    """Whether ``tensor`` fills its storage without gaps: the default layout or a permutation
+    of its dimensions (channels-last)."""
+    if tensor.is_contiguous():
+        return True
+    dims = sorted((d for d in range(tensor.dim()) if tensor.shape[d] > 1), key=tensor.stride)
+    step = 1
+    for d in dims:
+        if tensor.stride(d) != step:
+            return False
+        step *= tensor.shape[d]
+    return True
 
 
 def storage_offsets(flat: np.ndarray, shape: Sequence[int], stride: Sequence[int]) -> np.ndarray:
@@ -340,8 +557,26 @@ def storage_offsets(flat: np.ndarray, shape: Sequence[int], stride: Sequence[int
     return offsets.astype(dtype)
 
 
+def flat_indices(positions: np.ndarray, shape: Sequence[int], stride: Sequence[int]) -> np.ndarray:
+    """The inverse of :func:`storage_offsets`: the flat indices (default row-major order) of
+    the entries at ``positions`` in the storage of a dense tensor of ``shape`` and ``stride``."""
+    shape, stride = tuple(shape), tuple(stride)
+    steps = _contiguous_stride(shape)
+    if stride == steps:
+        return positions
+    dims = sorted((d for d in range(len(shape)) if shape[d] > 1), key=lambda d: -stride[d])
+    out = np.empty(positions.shape, dtype=positions.dtype)
+    _kernels.flat_indices(
+        positions,
+        np.array([stride[d] for d in dims], dtype=np.int64),
+        np.array([steps[d] for d in dims], dtype=np.int64),
+        out,
+    )
+    return out
+
+
 def _index_dtype(size: int) -> type:
-    """int32 flat indices where they fit: half the memory traffic of int64."""
+    """int32 positions where they fit: half the memory traffic of int64."""
     return np.int32 if size < 2**31 else np.int64
 
 
@@ -368,11 +603,12 @@ def select(
             collapse); they count towards the total.
 
     The masks are on the devices of the scores. Ties are broken by position: the first tensor
-    first, then the flat index.
+    first, then the flat index. NaN and -inf scores rank below every finite score.
     """
     survivors = Survivors({n: s.shape for n, s in scores.items()}, current)
     keep = survivors.choose(scores, density, scope=scope, min_per_layer=min_per_layer)
-    return survivors.masks({n: s.device for n, s in scores.items()}, keep)
+    devices = {n: _factors(scores, n)[0].device for n in scores}
+    return survivors.masks(devices, keep)
 
 
 def _check_alive(k: int, alive: int, what: str) -> None:

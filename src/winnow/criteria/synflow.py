@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from winnow.criteria._registry import register
 from winnow.criteria.data import DataSource, model_device
 from winnow.data import DataSplits
+from winnow.selection import AbsProductScores
 
 
 def input_shape_of(data: DataSource | None, input_shape) -> tuple[int, ...]:
@@ -92,14 +93,6 @@ def synflow(
     if not math.isfinite(value):
         raise ValueError(f"synflow: R = {value} overflows {candidate}")
     grads = torch.autograd.grad(flow, list(params.values()))
-    return {
-        n: _product(p.detach(), g).abs_() for (n, p), g in zip(params.items(), grads, strict=True)
-    }
-
-
-def _product(weight: Tensor, grad: Tensor) -> Tensor:
-    """``weight * grad``, written into ``grad`` (a fresh tensor, in the weight's layout) when
-    it can be: a new 80 MB tensor per round costs as much in page faults as the product."""
-    if grad.stride() == weight.stride() and grad.dtype == weight.dtype:
-        return grad.mul_(weight)
-    return weight * grad
+    return AbsProductScores(
+        {n: (p.detach(), g) for (n, p), g in zip(params.items(), grads, strict=True)}
+    )

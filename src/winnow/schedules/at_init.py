@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from winnow import _kernels
 from winnow.criteria._registry import lookup, working_copy
 from winnow.masks import Masks
-from winnow.selection import Survivors, check_density, exponential_densities, storage_offsets
+from winnow.selection import (
+    Survivors,
+    check_density,
+    dense_layout,
+    exponential_densities,
+    flat_indices,
+    storage_offsets,
+)
 
 DEFAULT_ROUNDS = {"synflow": 100}
 """Rounds used when ``rounds`` is not given (1 for every other criterion)."""
@@ -73,7 +80,7 @@ def prune_at_init(
     for target in tqdm(targets, desc=f"{method}", disable=None if progress else True, leave=False):
         scores = criterion.implementation(work, params, data, **options)
         removed = survivors.select(scores, target, scope=scope, min_per_layer=min_per_layer)
-        _zero(params, removed, survivors.removed_offsets)
+        _zero(params, removed, survivors.strides)
     masks = survivors.masks({n: p.device for n, p in params.items()})
     collapsed = masks.collapsed_layers()
     if collapsed:
@@ -89,30 +96,32 @@ def prune_at_init(
 def _zero(
     params: dict[str, nn.Parameter],
     removed: dict[str, Tensor],
-    offsets: dict[str, tuple[tuple[int, ...], np.ndarray]] | None = None,
+    strides: dict[str, tuple[int, ...]],
 ) -> None:
-    """Zero the weights just pruned (flat indices in the default layout), leaving the others
-    untouched; a channels-last weight is written through its storage, at ``offsets[name]``
-    when they are given for its stride (see :attr:`Survivors.removed_offsets`)."""
-    offsets = offsets or {}
+    """Zero the weights just pruned, leaving the others untouched: ``removed[name]`` are
+    positions in the storage of a tensor laid out with ``strides[name]`` (see
+    :meth:`Survivors.select`)."""
     with torch.no_grad():
-        for name, flat in removed.items():
-            if flat.numel():
-                param = params[name]
-                if param.is_contiguous():
-                    param.view(-1).index_fill_(0, flat.to(param.device), 0)
-                elif param.dim() == 4 and param.is_contiguous(memory_format=torch.channels_last):
-                    stride, where = offsets.get(name, (None, None))
-                    if stride != param.stride():
-                        where = storage_offsets(flat.numpy(), param.shape, param.stride())
-                    storage = param.as_strided((param.numel(),), (1,))
-                    where = torch.from_numpy(where.astype(np.int64)).to(param.device)
-                    storage.index_fill_(0, where, 0)
-                else:
-                    param.masked_fill_(_flat_mask(flat.to(param.device), param), 0)
+        for name, where in removed.items():
+            if not where.numel():
+                continue
+            param, stride = params[name], strides[name]
+            if not dense_layout(param):
+                flat = torch.from_numpy(flat_indices(where.numpy(), param.shape, stride))
+                mask = torch.zeros(param.numel(), dtype=torch.bool)
+                mask[flat] = True
+                param.masked_fill_(mask.view(param.shape).to(param.device), 0)
+                continue
+            if param.stride() != stride:
+                flat = flat_indices(where.numpy(), param.shape, stride)
+                where = torch.from_numpy(storage_offsets(flat, param.shape, param.stride()))
+            storage = param.detach().as_strided((param.numel(),), (1,))
+            bits = _BITS.get(storage.element_size())
+            if storage.device.type == "cpu" and bits is not None:  # 0.0 is all zero bits
+                _kernels.scatter_zero(storage.view(bits).numpy(), where.numpy())
+            else:
+                storage.index_fill_(0, where.to(param.device, torch.int64), 0)
 
 
-def _flat_mask(index: Tensor, like: Tensor) -> Tensor:
-    mask = torch.zeros(like.numel(), dtype=torch.bool, device=like.device)
-    mask[index] = True
-    return mask.view(like.shape)
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+"""Integer dtypes by width, to write zeros into any float storage (bfloat16 included)."""

@@ -1,0 +1,155 @@
+"""Compiled loops (numba) for selecting among millions of weights, round after round.
+
+Each is one pass over its arrays: iterative pruning calls them a hundred times on tens of
+millions of entries, where numpy would need several passes (compare, combine, index) and
+temporary arrays for the same work. They compile on first use and are cached on disk.
+
+Positions are offsets into the flat storage of a dense tensor; ``dense=True`` means "every
+position, in order" (``positions`` is then ignored and may be empty).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True, boundscheck=False)
+_parallel = numba.njit(cache=True, nogil=True, boundscheck=False, parallel=True)
+
+
+@_jit
+def _finite(v, low, high):
+    v = v if v >= low else low  # NaN and -inf fail the comparison
+    return v if v <= high else high
+
+
+# The loops run over whole arrays (slices of the caller's): ``range(start, end)`` bounds keep
+# LLVM from vectorising them (measured 7x slower for the band's counting loop).
+
+
+@_jit
+def _gather_part(source, positions, dense, low, high, out):
+    if dense:
+        for i in range(out.size):
+            out[i] = _finite(source[i], low, high)
+    else:
+        for i in range(out.size):
+            out[i] = _finite(source[np.uintp(positions[i])], low, high)
+
+
+@_jit
+def _gather_abs_product_part(a, b, positions, dense, low, high, out):
+    if dense:
+        for i in range(out.size):
+            out[i] = _finite(abs(a[i] * b[i]), low, high)
+    else:
+        for i in range(out.size):
+            p = np.uintp(positions[i])
+            out[i] = _finite(abs(a[p] * b[p]), low, high)
+
+
+@_parallel
+def gather(source, positions, dense, low, high, out, chunks):
+    """``out[i] = source[positions[i]]`` (``source[i]`` if ``dense``), with NaN and values
+    below ``low`` (-inf) replaced by ``low`` and values above ``high`` (+inf) by ``high``; in
+    ``chunks`` parallel parts."""
+    n = out.size
+    for c in numba.prange(chunks):
+        a, b = c * n // chunks, (c + 1) * n // chunks
+        if dense:
+            _gather_part(source[a:b], positions, dense, low, high, out[a:b])
+        else:
+            _gather_part(source, positions[a:b], dense, low, high, out[a:b])
+
+
+@_parallel
+def gather_abs_product(a, b, positions, dense, low, high, out, chunks):
+    """:func:`gather` of ``|a[p] * b[p]|``, the product in the arrays' dtype (as torch forms
+    it)."""
+    n = out.size
+    for c in numba.prange(chunks):
+        lo, hi = c * n // chunks, (c + 1) * n // chunks
+        if dense:
+            _gather_abs_product_part(a[lo:hi], b[lo:hi], positions, dense, low, high, out[lo:hi])
+        else:
+            _gather_abs_product_part(a, b, positions[lo:hi], dense, low, high, out[lo:hi])
+
+
+@_jit
+def _band_part(values, low, high, inside):
+    above = 0
+    count = 0
+    for i in range(values.size):
+        v = values[i]
+        flag = (v >= low) & (v <= high)
+        above += np.int64(v > high)
+        count += np.int64(flag)
+        inside[i] = flag
+    return above, count
+
+
+@_parallel
+def band(values, low, high, inside, chunks):
+    """Count the values above ``high`` and those in [low, high], and flag the latter in
+    ``inside``; returns the two counts. (No branch and no store that depends on the data: the
+    loop runs on vector instructions; the positions come from ``np.flatnonzero``.)"""
+    n = values.size
+    above = 0
+    count = 0
+    for c in numba.prange(chunks):
+        lo, hi = c * n // chunks, (c + 1) * n // chunks
+        a, b = _band_part(values[lo:hi], low, high, inside[lo:hi])
+        above += a
+        count += b
+    return above, count
+
+
+@_jit
+def compact(values, threshold, tied, all_tied, positions, dense, kept, removed):
+    """Split the positions at a threshold: those whose value is above it, or equal to it and
+    either ``all_tied`` or listed in ``tied`` (sorted indices into ``values``), go to ``kept``
+    (which may be ``positions`` itself: it is written behind the read), the others to
+    ``removed`` (as long as ``values``), both in order; returns (count kept, count removed).
+
+    Both outputs are written at every step and only one count advances: no branch to mispredict
+    where kept and removed weights alternate."""
+    k = 0
+    r = 0
+    j = 0
+    for i in range(values.size):
+        v = values[i]
+        p = i if dense else positions[i]
+        keep = v > threshold
+        if v == threshold:
+            if all_tied:
+                keep = True
+            elif j < tied.size and tied[j] == i:
+                keep = True
+                j += 1
+        kept[k] = p
+        removed[r] = p
+        k += keep
+        r += 1 - keep
+    return k, r
+
+
+@_jit
+def scatter_zero(storage, positions):
+    """``storage[positions] = 0``."""
+    for i in range(positions.size):
+        storage[positions[i]] = 0
+
+
+@_jit
+def flat_indices(positions, strides, steps, out):
+    """``out[i]``: the flat index, in the default row-major order, of the entry at storage
+    position ``positions[i]`` of a dense tensor whose dimensions, by decreasing storage stride,
+    have the storage strides ``strides`` and the row-major strides ``steps``."""
+    for i in range(positions.size):
+        rest = np.int64(positions[i])
+        flat = 0
+        for d in range(strides.size):
+            coordinate = rest // strides[d]
+            rest -= coordinate * strides[d]
+            flat += coordinate * steps[d]
+        out[i] = flat
