@@ -89,19 +89,36 @@ def _band_part(values, low, high, inside):
 
 
 @_parallel
-def band(values, low, high, inside, chunks):
+def band(values, low, high, inside, bounds, counts):
     """Count the values above ``high`` and those in [low, high], and flag the latter in
-    ``inside``; returns the two counts. (No branch and no store that depends on the data: the
-    loop runs on vector instructions; the positions come from ``np.flatnonzero``.)"""
-    n = values.size
-    above = 0
-    count = 0
-    for c in numba.prange(chunks):
-        lo, hi = c * n // chunks, (c + 1) * n // chunks
-        a, b = _band_part(values[lo:hi], low, high, inside[lo:hi])
-        above += a
-        count += b
-    return above, count
+    ``inside``; in parallel parts ``bounds[c]:bounds[c + 1]``, whose two counts go to
+    ``counts[c]``. (No branch and no store that depends on the data: the loop runs on vector
+    instructions; :func:`flagged` then lists the positions.)"""
+    for c in numba.prange(bounds.size - 1):
+        lo, hi = bounds[c], bounds[c + 1]
+        counts[c, 0], counts[c, 1] = _band_part(values[lo:hi], low, high, inside[lo:hi])
+
+
+@_jit
+def _flagged_part(flags, words, first, out):
+    n = 0
+    for w in range(words.size):
+        if words[w]:
+            for i in range(8 * (first + w), 8 * (first + w) + 8):
+                if flags[i]:
+                    out[n] = i
+                    n += 1
+
+
+@_parallel
+def flagged(flags, words, word_bounds, starts, out):
+    """The positions of the true entries of ``flags`` (a boolean array whose length is a
+    multiple of 8, also viewed as 64-bit ``words``) into ``out``: part c covers the words
+    ``word_bounds[c]:word_bounds[c + 1]`` and writes from ``starts[c]`` on. Few flags are
+    set, so most words are skipped whole."""
+    for c in numba.prange(word_bounds.size - 1):
+        lo, hi = word_bounds[c], word_bounds[c + 1]
+        _flagged_part(flags, words[lo:hi], lo, out[starts[c] :])
 
 
 @_jit
@@ -112,7 +129,8 @@ def compact(values, threshold, tied, all_tied, positions, dense, kept, removed):
     ``removed`` (as long as ``values``), both in order; returns (count kept, count removed).
 
     Both outputs are written at every step and only one count advances: no branch to mispredict
-    where kept and removed weights alternate."""
+    where kept and removed weights alternate. (Parallel parts of one array gained nothing
+    here; :func:`winnow.selection.run_balanced` runs tensors side by side instead.)"""
     k = 0
     r = 0
     j = 0

@@ -20,6 +20,7 @@ weights as index lists, so each round of iterative pruning works on the survivor
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,23 +54,25 @@ def check_sparsity(sparsity: float) -> float:
 
 EXACT_BELOW = 1 << 16
 """Below this many candidates the threshold is found exactly by a partition of all of them."""
-SAMPLE_SIZE = 1 << 16
+SAMPLE_SIZE = 1 << 14
+
 
 T = TypeVar("T")
 
 Rank = Callable[[np.ndarray], np.ndarray]
-"""Positions in an array of candidates -> keys in the order ties are broken (lowest first)."""
+"""Positions (in increasing order) in an array of candidates -> keys in the order ties are
+broken (lowest first)."""
 
 
 def _sample_positions(m: int, k: int) -> np.ndarray:
-    """A seeded, stratified sample of positions in [0, m): one at random in each of
+    """A seeded, stratified sample of positions in [0, m): one at random in each of up to
     ``SAMPLE_SIZE`` equal strata, so it comes sorted (cheap to read) and its quantiles vary no
     more than those of a simple random sample."""
     size = min(SAMPLE_SIZE, max(m // 16, 1))
-    starts = np.arange(size, dtype=np.int64) * m // size
-    widths = np.diff(starts, append=m)
+    step = m / size
     rng = np.random.default_rng(m ^ (k << 1))
-    return starts + (rng.random(size) * widths).astype(np.int64)
+    positions = (np.arange(size) + rng.random(size)) * step
+    return np.minimum(positions.astype(np.int64), m - 1)
 
 
 def _bracket(sample: np.ndarray, k: int, m: int) -> tuple[np.generic, np.generic]:
@@ -83,10 +86,9 @@ def _bracket(sample: np.ndarray, k: int, m: int) -> tuple[np.generic, np.generic
     return sample[ends[0]], sample[ends[-1]]
 
 
-def _kth_largest(values: np.ndarray, k: int) -> tuple[np.generic, int, np.ndarray | None]:
+def _kth_largest(values: np.ndarray, k: int) -> tuple[np.generic, int, np.ndarray]:
     """The k-th largest entry t (1-based, 1 <= k <= len) of a 1-D array, exactly; how many
-    entries are greater than t; and the positions of a band of entries that holds every entry
-    equal to t (``None``: anywhere).
+    entries are greater than t; and the positions of those equal to t, in order.
 
     Large arrays are never sorted: a sample brackets the answer (:func:`_bracket`); one pass
     counts the values above the bracket and finds the few inside it, and the answer is found
@@ -100,21 +102,29 @@ def _kth_largest(values: np.ndarray, k: int) -> tuple[np.generic, int, np.ndarra
         if 0 < need <= inside:
             candidates = values[band]
             threshold = np.partition(candidates, inside - need)[inside - need]
-            return threshold, above + int(np.count_nonzero(candidates > threshold)), band
+            greater = above + int(np.count_nonzero(candidates > threshold))
+            return threshold, greater, band[candidates == threshold]
     threshold = np.partition(values, m - k)[m - k]
-    return threshold, int(np.count_nonzero(values > threshold)), None
+    return threshold, int(np.count_nonzero(values > threshold)), np.flatnonzero(values == threshold)
 
 
 def _band(values: np.ndarray, low: np.generic, high: np.generic) -> tuple[int, np.ndarray]:
     """How many values are above ``high``, and the positions of those in [low, high]."""
-    inside = np.empty(values.size, dtype=bool)
-    above, _ = _kernels.band(values, low, high, inside, _workers())
-    return above, np.flatnonzero(inside)
+    words = -(-values.size // 8)
+    inside = np.empty(8 * words, dtype=bool)
+    inside[values.size :] = False
+    word_bounds = np.arange(_workers() + 1) * words // _workers()
+    counts = np.empty((word_bounds.size - 1, 2), dtype=np.int64)
+    _kernels.band(values, low, high, inside, np.minimum(8 * word_bounds, values.size), counts)
+    starts = np.cumsum(counts[:, 1]) - counts[:, 1]
+    positions = np.empty(int(counts[:, 1].sum()), dtype=np.intp)
+    _kernels.flagged(inside, inside.view(np.uint64), word_bounds, starts, positions)
+    return int(counts[:, 0].sum()), positions
 
 
 def _workers() -> int:
-    """Threads for the compiled passes: torch's intra-op count, at most 4 (memory-bound
-    passes gain little beyond)."""
+    """Parallel parts for the compiled passes: torch's intra-op thread count, at most 4
+    (memory-bound passes gain little beyond)."""
     return max(1, min(torch.get_num_threads(), 4))
 
 
@@ -124,12 +134,15 @@ PARALLEL_ABOVE = 1 << 18
 _POOL: ThreadPoolExecutor | None = None
 
 
-def run_balanced(jobs: Sequence[tuple[int, Callable[[], T]]]) -> list[T]:
+def run_balanced(
+    jobs: Sequence[tuple[int, Callable[[], T]]], parallel_above: int = PARALLEL_ABOVE
+) -> list[T]:
     """Run ``(cost, job)`` pairs, in groups of about equal total cost on as many threads as
-    :func:`_workers` allows (the compiled passes release the GIL); results in the jobs' order."""
+    :func:`_workers` allows (the compiled passes release the GIL), or in the calling thread
+    when the costs add up to less than ``parallel_above``; results in the jobs' order."""
     global _POOL
     workers = _workers()
-    if workers == 1 or sum(cost for cost, _ in jobs) < PARALLEL_ABOVE or len(jobs) < 2:
+    if workers == 1 or sum(cost for cost, _ in jobs) < parallel_above or len(jobs) < 2:
         return [job() for _, job in jobs]
     groups: list[list[int]] = [[] for _ in range(workers)]
     loads = [0] * workers
@@ -164,8 +177,7 @@ def _cut(values: np.ndarray, k: int, rank: Rank | None = None) -> Cut:
         return values.dtype.type(np.inf), _NONE
     if k >= values.size:
         return values.dtype.type(-np.inf), None
-    threshold, greater, band = _kth_largest(values, k)
-    ties = np.flatnonzero(values == threshold) if band is None else band[values[band] == threshold]
+    threshold, greater, ties = _kth_largest(values, k)
     missing = k - greater
     if missing == ties.size:
         return threshold, None
@@ -480,10 +492,12 @@ class Survivors:
             flags = None if keep is None else keep[name]
             if index is None:
                 full = np.ones(shape.numel(), dtype=bool) if flags is None else flags
-            else:
+                mask = torch.from_numpy(full).as_strided(shape, self.strides[name]).contiguous()
+            else:  # set the flat indices of the few alive: no copy out of another layout
+                alive = index if flags is None else index[flags]
                 full = np.zeros(shape.numel(), dtype=bool)
-                full[index if flags is None else index[flags]] = True
-            mask = torch.from_numpy(full).as_strided(shape, self.strides[name]).contiguous()
+                full[flat_indices(alive, shape, self.strides[name])] = True
+                mask = torch.from_numpy(full).view(shape)
             out[name] = mask.to(devices[name]) if devices is not None else mask
         return Masks(out)
 
@@ -508,13 +522,13 @@ def _concatenated_rank(
     ends = np.cumsum(sizes)
 
     def rank(at: np.ndarray) -> np.ndarray:
-        which = np.searchsorted(ends, at, side="right")
         keys = np.empty(at.size, dtype=np.int64)
-        for segment in np.unique(which):
-            chosen = which == segment
-            local = at[chosen] - (ends[segment] - sizes[segment])
-            own = ranks[segment]
-            keys[chosen] = bases[segment] + (local if own is None else own(local))
+        cuts = np.searchsorted(at, ends)  # `at` is in increasing order
+        for segment, (lo, hi) in enumerate(itertools.pairwise([0, *cuts])):
+            if lo < hi:
+                local = at[lo:hi] - (ends[segment] - sizes[segment])
+                own = ranks[segment]
+                keys[lo:hi] = bases[segment] + (local if own is None else own(local))
         return keys
 
     return rank

@@ -6,6 +6,7 @@ rounds at the densities d^(k/n).
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -20,6 +21,7 @@ from winnow.selection import (
     dense_layout,
     exponential_densities,
     flat_indices,
+    run_balanced,
     storage_offsets,
 )
 
@@ -101,6 +103,7 @@ def _zero(
     """Zero the weights just pruned, leaving the others untouched: ``removed[name]`` are
     positions in the storage of a tensor laid out with ``strides[name]`` (see
     :meth:`Survivors.select`)."""
+    on_cpu = []
     with torch.no_grad():
         for name, where in removed.items():
             if not where.numel():
@@ -118,9 +121,13 @@ def _zero(
             storage = param.detach().as_strided((param.numel(),), (1,))
             bits = _BITS.get(storage.element_size())
             if storage.device.type == "cpu" and bits is not None:  # 0.0 is all zero bits
-                _kernels.scatter_zero(storage.view(bits).numpy(), where.numpy())
+                job = functools.partial(
+                    _kernels.scatter_zero, storage.view(bits).numpy(), where.numpy()
+                )
+                on_cpu.append((where.numel(), job))
             else:
                 storage.index_fill_(0, where.to(param.device, torch.int64), 0)
+        run_balanced(on_cpu, 1 << 14)  # each write waits on memory: tensors side by side
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
