@@ -313,3 +313,40 @@ def test_criteria_on_a_users_module():
         masks = prune_at_init(model, method, 0.3, data, rounds=2, **FAST.get(method, {}))
         assert list(masks) == ["stem.weight", "branch.weight", "head.weight"]
         assert masks.num_kept() == round(0.3 * masks.numel())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("positions_layout", ["default", "storage"])
+def test_zeroing_the_pruned_weights_in_any_layout(dtype, positions_layout):
+    """Iterative pruning zeroes exactly the weights just removed, given as positions in the
+    default layout or in the channels-last storage, in any float dtype (bfloat16: numpy has
+    none, the storage is written as integers)."""
+    import numpy as np
+
+    from winnow.schedules.at_init import _zero
+    from winnow.selection import storage_offsets
+
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.randn(6, 4, 3, 3, generator=gen).to(dtype)
+    params = {
+        "conv": nn.Parameter(conv.to(memory_format=torch.channels_last)),
+        "fc": nn.Parameter(torch.randn(5, 7, generator=gen).to(dtype)),
+    }
+    flat = {"conv": np.array([0, 5, 17, 100, 215]), "fc": np.array([3, 4, 34])}
+    strides = {"conv": (36, 9, 3, 1), "fc": (7, 1)}
+    if positions_layout == "storage":
+        strides["conv"] = params["conv"].stride()
+        flat_conv = storage_offsets(flat["conv"], conv.shape, strides["conv"])
+    else:
+        flat_conv = flat["conv"]
+    expected = {n: p.detach().clone().reshape(-1) for n, p in params.items()}
+    for name, where in flat.items():
+        expected[name][torch.from_numpy(where)] = 0
+    removed = {
+        "conv": torch.from_numpy(flat_conv.astype(np.int64)),
+        "fc": torch.from_numpy(flat["fc"]),
+    }
+    _zero(params, removed, strides)
+    assert params["conv"].is_contiguous(memory_format=torch.channels_last)
+    for name, param in params.items():
+        assert torch.equal(param.detach().reshape(-1), expected[name]), name

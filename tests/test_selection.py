@@ -217,3 +217,113 @@ def test_storage_offsets_of_a_channels_last_tensor(step):
     storage = tensor.as_strided((tensor.numel(),), (1,))
     expected = tensor.reshape(-1)[torch.from_numpy(flat.astype(np.int64))]
     assert torch.equal(storage[torch.from_numpy(offsets.astype(np.int64))], expected)
+
+
+def test_absolute_product_scores_select_like_the_dense_product(monkeypatch):
+    """SynFlow's scores |a ⊙ b| read at the alive weights only (the product is never formed
+    whole): the same masks as the dense product torch forms, channels-last factors included;
+    factors of mixed dtypes are multiplied as torch does (promoted) instead."""
+    import winnow.selection as selection
+    from winnow.selection import AbsProductScores, Survivors
+
+    monkeypatch.setattr(selection, "EXACT_BELOW", 300)
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"conv": (12, 6, 3, 3), "fc": (40, 30)}
+    factors = {
+        n: (torch.randn(s, generator=gen), torch.randn(s, generator=gen)) for n, s in shapes.items()
+    }
+    factors["conv"] = tuple(f.to(memory_format=torch.channels_last) for f in factors["conv"])
+    lazy = AbsProductScores(factors)
+    dense = {n: (a * b).abs() for n, (a, b) in factors.items()}
+    assert all(torch.equal(lazy[n], dense[n]) for n in shapes)
+    expected = select(dense, 0.3)
+
+    def never_formed(self, name):
+        raise AssertionError("the dense product was formed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(AbsProductScores, "__getitem__", never_formed)
+        assert select(lazy, 0.3) == expected
+        from_lazy, from_dense = Survivors(shapes), Survivors(shapes)
+        for density in (0.6, 0.25, 0.05):
+            from_lazy.select(lazy, density)
+            from_dense.select(dense, density)
+            assert from_lazy.masks() == from_dense.masks()
+    mixed = dict(factors, fc=(factors["fc"][0], factors["fc"][1].double()))
+    assert select(AbsProductScores(mixed), 0.3) == select(
+        {n: (a * b).abs() for n, (a, b) in mixed.items()}, 0.3
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_parts_do_not_change_the_choice(monkeypatch, workers):
+    """The compiled passes split arrays into parts (and run tensors side by side): any number
+    of parts gives the masks of one part."""
+    import winnow.selection as selection
+    from winnow.selection import Survivors
+
+    monkeypatch.setattr(selection, "EXACT_BELOW", 200)
+    monkeypatch.setattr(selection, "PARALLEL_ABOVE", 0)
+    gen = torch.Generator().manual_seed(4)
+    shapes = {"a": (50, 41), "b": (3001,), "c": (9, 5, 3, 3)}
+    rounds = [
+        {n: (torch.rand(s, generator=gen) * 60).round() for n, s in shapes.items()}
+        for _ in range(4)
+    ]
+    results = {}
+    for count in (1, workers):
+        monkeypatch.setattr(selection, "_workers", lambda count=count: count)
+        survivors, removed = Survivors(shapes), []
+        for scores, density in zip(rounds, (0.7, 0.4, 0.2, 0.05), strict=True):
+            removed.append({n: r.tolist() for n, r in survivors.select(scores, density).items()})
+        results[count] = survivors.masks(), removed
+    assert results[1] == results[workers]
+
+
+def test_positions_follow_the_layout_of_each_round(monkeypatch):
+    """Scores that change layout between rounds (default, channels-last, default) are read
+    through their storage each time, with the choices of scores that never change layout."""
+    import winnow.selection as selection
+    from winnow.selection import Survivors
+
+    monkeypatch.setattr(selection, "EXACT_BELOW", 300)
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"conv": (8, 7, 3, 3), "fc": (20, 11)}
+    plain, switching = Survivors(shapes), Survivors(shapes)
+    for density, layout in zip(
+        (0.8, 0.5, 0.3, 0.1),
+        (
+            torch.contiguous_format,
+            torch.channels_last,
+            torch.contiguous_format,
+            torch.channels_last,
+        ),
+        strict=True,
+    ):
+        scores = {n: (torch.rand(s, generator=gen) * 20).round() for n, s in shapes.items()}
+        laid = dict(scores, conv=scores["conv"].contiguous(memory_format=layout))
+        plain.select(scores, density)
+        switching.select(laid, density)
+        assert switching.strides["conv"] == laid["conv"].stride()
+        assert switching.masks() == plain.masks()
+
+
+@pytest.mark.parametrize(
+    "shape,order", [((6, 5, 3, 4), (0, 2, 3, 1)), ((4, 1, 7), (2, 0, 1)), ((5, 6), (1, 0))]
+)
+def test_flat_indices_invert_storage_offsets(shape, order):
+    """Any dense layout (channels-last, a permuted 3-D tensor, a transposed matrix, size-1
+    dimensions): storage positions -> flat indices -> storage positions is the identity."""
+    import numpy as np
+
+    from winnow.selection import dense_layout, flat_indices, storage_offsets
+
+    tensor = torch.randn([shape[d] for d in order]).permute(*np.argsort(order))
+    assert tensor.shape == shape and dense_layout(tensor)
+    storage = tensor.as_strided((tensor.numel(),), (1,))
+    positions = np.arange(tensor.numel(), dtype=np.int32)[::2]
+    flat = flat_indices(positions, tensor.shape, tensor.stride())
+    assert torch.equal(tensor.reshape(-1)[torch.from_numpy(flat.astype(np.int64))],
+                       storage[torch.from_numpy(positions.astype(np.int64))])  # fmt: skip
+    assert np.array_equal(storage_offsets(flat, tensor.shape, tensor.stride()), positions)
+    assert not dense_layout(torch.randn(6, 8)[:, ::2])

@@ -12,9 +12,12 @@ Every function here takes *density* (the fraction kept, in [0, 1]) and returns
 
 Finding the global threshold must not dominate an iterative method's cost (the reference
 SynFlow code spends two thirds of its 100-round loop in a global ``kthvalue``). winnow never
-sorts the scores of a large model: a seeded sample brackets the threshold and one pass over
-the scores finds it exactly (:func:`_kth_largest`); and :class:`Survivors` keeps the alive
-weights as index lists, so each round of iterative pruning works on the survivors only.
+sorts the scores of a large model: a seeded, stratified sample brackets the threshold and one
+vectorised pass over the scores finds the few inside the bracket, among which the threshold is
+found exactly (:func:`_kth_largest`); and :class:`Survivors` keeps the alive weights as lists
+of storage positions, so each round of iterative pruning reads, ranks and compacts the
+survivors only. The passes are compiled loops (:mod:`winnow._kernels`, numba) that release
+the GIL and run in parallel parts (numba threads within an array, or tensors side by side).
 """
 
 from __future__ import annotations
@@ -619,7 +622,7 @@ def select(
     The masks are on the devices of the scores. Ties are broken by position: the first tensor
     first, then the flat index. NaN and -inf scores rank below every finite score.
     """
-    survivors = Survivors({n: s.shape for n, s in scores.items()}, current)
+    survivors = Survivors({n: _factors(scores, n)[0].shape for n in scores}, current)
     keep = survivors.choose(scores, density, scope=scope, min_per_layer=min_per_layer)
     devices = {n: _factors(scores, n)[0].device for n in scores}
     return survivors.masks(devices, keep)
