@@ -548,7 +548,7 @@ def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
 def dense_layout(tensor: Tensor) -> bool:
     """Whether ``tensor`` fills its storage without gaps: the default layout or a permutation
     of its dimensions (channels-last)."""
-    if tensor.is_contiguous():
+    if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
         return True
     dims = sorted((d for d in range(tensor.dim()) if tensor.shape[d] > 1), key=tensor.stride)
     step = 1

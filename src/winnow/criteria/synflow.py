@@ -26,8 +26,11 @@ def input_shape_of(data: DataSource | None, input_shape) -> tuple[int, ...]:
 
 
 LINEARISED = "_winnow_synflow_linearised"
-"""Set on a private copy once its state holds absolute values (iterative SynFlow re-scores the
-copy; pruning only zeroes weights, which keeps it so)."""
+"""Set on a private copy once its state holds absolute values and it is in eval mode
+(iterative SynFlow re-scores the copy; pruning only zeroes weights, which keeps it so)."""
+
+IN_DTYPE = "_winnow_synflow_dtype"
+"""Set on the private copy to the dtype its floating-point state was last converted to."""
 
 FLOAT32_RANGE = (1e-30, 1e30)
 """R must lie in this range for float32 scoring; outside it SynFlow recomputes in float64."""
@@ -60,8 +63,8 @@ def synflow(
     float rounding and come in the copy's layout.
     """
     shape = input_shape_of(data, input_shape)
-    work.eval()
     if not getattr(work, LINEARISED, False):  # |x| is idempotent: once per private copy
+        work.eval()
         with torch.no_grad():
             for tensor in work.state_dict().values():
                 if tensor.is_floating_point():
@@ -81,9 +84,11 @@ def synflow(
     else:
         candidates = [torch.float32, torch.float64]
     for candidate in candidates:
-        state = itertools.chain(work.parameters(), work.buffers())
-        if any(t.is_floating_point() and t.dtype != candidate for t in state):
-            work.to(candidate)
+        if getattr(work, IN_DTYPE, None) != candidate:  # checked once per dtype, not per round
+            state = itertools.chain(work.parameters(), work.buffers())
+            if any(t.is_floating_point() and t.dtype != candidate for t in state):
+                work.to(candidate)
+            setattr(work, IN_DTYPE, candidate)
         ones = torch.ones((1, *shape), dtype=candidate, device=model_device(work))
         flow = work(ones).sum()
         value = float(flow.detach())
