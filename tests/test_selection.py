@@ -327,3 +327,22 @@ def test_flat_indices_invert_storage_offsets(shape, order):
                        storage[torch.from_numpy(positions.astype(np.int64))])  # fmt: skip
     assert np.array_equal(storage_offsets(flat, tensor.shape, tensor.stride()), positions)
     assert not dense_layout(torch.randn(6, 8)[:, ::2])
+
+
+def test_flat_indices_of_large_tensors_are_exact():
+    """The float-reciprocal quotients are corrected where rounding misses: exact up to the
+    largest positions of a 4096x4096x3x3 channels-last weight (151M entries)."""
+    import numpy as np
+
+    from winnow.selection import flat_indices
+
+    shape = (4096, 4096, 3, 3)
+    stride = (4096 * 9, 1, 3 * 4096, 4096)  # channels-last
+    rng = np.random.default_rng(0)
+    numel = int(np.prod(shape))
+    positions = np.concatenate([rng.integers(0, numel, 100_000), np.arange(numel - 5000, numel)])
+    o, rest = np.divmod(positions, stride[0])
+    h, rest = np.divmod(rest, stride[2])
+    w, c = np.divmod(rest, stride[3])
+    expected = np.ravel_multi_index((o, c, h, w), shape)
+    assert np.array_equal(flat_indices(positions, shape, stride), expected)

@@ -162,12 +162,22 @@ def scatter_zero(storage, positions):
 def flat_indices(positions, strides, steps, out):
     """``out[i]``: the flat index, in the default row-major order, of the entry at storage
     position ``positions[i]`` of a dense tensor whose dimensions, by decreasing storage stride,
-    have the storage strides ``strides`` and the row-major strides ``steps``."""
+    have the storage strides ``strides`` and the row-major strides ``steps``. (Quotients by a
+    float reciprocal, corrected by one where rounding missed: integer division is the slow
+    part of this loop.)"""
+    inverse = 1.0 / strides
     for i in range(positions.size):
         rest = np.int64(positions[i])
         flat = 0
         for d in range(strides.size):
-            coordinate = rest // strides[d]
-            rest -= coordinate * strides[d]
+            coordinate = np.int64(rest * inverse[d])
+            remainder = rest - coordinate * strides[d]
+            if remainder < 0:
+                coordinate -= 1
+                remainder += strides[d]
+            elif remainder >= strides[d]:
+                coordinate += 1
+                remainder -= strides[d]
+            rest = remainder
             flat += coordinate * steps[d]
         out[i] = flat
