@@ -285,6 +285,7 @@ class Survivors:
         self.strides = {n: _contiguous_stride(s) for n, s in self.shapes.items()}
         self.index: dict[str, np.ndarray | None] = {}
         self._scratch: np.ndarray | None = None
+        self._removed: np.ndarray | None = None
         for name, shape in self.shapes.items():
             if current is None:
                 self.index[name] = None
@@ -318,12 +319,17 @@ class Survivors:
         ``strides[name]`` (:func:`flat_indices` turns them into flat indices).
         """
         cuts = self._decide(scores, density, scope, min_per_layer)
-        jobs, outputs = [], {}
+        # the removed positions are written to scratch, reused from round to round, then copied
+        # out (few): fresh pages per round cost more than the copies
+        if self._removed is None or self._removed.size < sum(v.size for v, _ in cuts.values()):
+            self._removed = _touched(sum(v.size for v, _ in cuts.values()), np.int64)
+        jobs, outputs, start = [], {}, 0
         for name, (values, (threshold, tied)) in cuts.items():
             index = self.index[name]
             dense = index is None
             kept = _touched(values.size, _index_dtype(values.size)) if dense else index
-            gone = np.empty(values.size, dtype=np.int64)  # pages beyond the count stay untouched
+            gone = self._removed[start : start + values.size]
+            start += values.size
             outputs[name] = kept, gone
             arguments = (
                 values, threshold, _NONE if tied is None else tied, tied is None,
@@ -336,7 +342,7 @@ class Survivors:
         ):
             if not (self.index[name] is None and dropped == 0):
                 self.index[name] = kept[:count]
-            removed[name] = torch.from_numpy(gone[:dropped])
+            removed[name] = torch.from_numpy(gone[:dropped].copy())
         return removed
 
     def choose(
