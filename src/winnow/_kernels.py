@@ -28,51 +28,29 @@ def _finite(v, low, high):
 
 
 @_jit
-def _gather_part(source, positions, dense, low, high, out):
+def _gather_part(a, b, product, positions, dense, low, high, out):
     if dense:
         for i in range(out.size):
-            out[i] = _finite(source[i], low, high)
-    else:
-        for i in range(out.size):
-            out[i] = _finite(source[np.uintp(positions[i])], low, high)
-
-
-@_jit
-def _gather_abs_product_part(a, b, positions, dense, low, high, out):
-    if dense:
-        for i in range(out.size):
-            out[i] = _finite(abs(a[i] * b[i]), low, high)
+            out[i] = _finite(abs(a[i] * b[i]) if product else a[i], low, high)
     else:
         for i in range(out.size):
             p = np.uintp(positions[i])
-            out[i] = _finite(abs(a[p] * b[p]), low, high)
+            out[i] = _finite(abs(a[p] * b[p]) if product else a[p], low, high)
 
 
 @_parallel
-def gather(source, positions, dense, low, high, out, chunks):
-    """``out[i] = source[positions[i]]`` (``source[i]`` if ``dense``), with NaN and values
-    below ``low`` (-inf) replaced by ``low`` and values above ``high`` (+inf) by ``high``; in
+def gather(a, b, product, positions, dense, low, high, out, chunks):
+    """``out[i]``: the score at ``p = positions[i]`` (``p = i`` if ``dense``), ``|a[p] *
+    b[p]|`` if ``product`` (in the arrays' dtype, as torch forms it) else ``a[p]``; NaN and
+    values below ``low`` (-inf) become ``low``, values above ``high`` (+inf) ``high``. In
     ``chunks`` parallel parts."""
-    n = out.size
-    for c in numba.prange(chunks):
-        a, b = c * n // chunks, (c + 1) * n // chunks
-        if dense:
-            _gather_part(source[a:b], positions, dense, low, high, out[a:b])
-        else:
-            _gather_part(source, positions[a:b], dense, low, high, out[a:b])
-
-
-@_parallel
-def gather_abs_product(a, b, positions, dense, low, high, out, chunks):
-    """:func:`gather` of ``|a[p] * b[p]|``, the product in the arrays' dtype (as torch forms
-    it)."""
     n = out.size
     for c in numba.prange(chunks):
         lo, hi = c * n // chunks, (c + 1) * n // chunks
         if dense:
-            _gather_abs_product_part(a[lo:hi], b[lo:hi], positions, dense, low, high, out[lo:hi])
+            _gather_part(a[lo:hi], b[lo:hi], product, positions, dense, low, high, out[lo:hi])
         else:
-            _gather_abs_product_part(a, b, positions[lo:hi], dense, low, high, out[lo:hi])
+            _gather_part(a, b, product, positions[lo:hi], dense, low, high, out[lo:hi])
 
 
 @_jit
@@ -163,8 +141,8 @@ def flat_indices(positions, strides, steps, out):
     """``out[i]``: the flat index, in the default row-major order, of the entry at storage
     position ``positions[i]`` of a dense tensor whose dimensions, by decreasing storage stride,
     have the storage strides ``strides`` and the row-major strides ``steps``. (Quotients by a
-    float reciprocal, corrected by one where rounding missed: integer division is the slow
-    part of this loop.)"""
+    float reciprocal, corrected where rounding missed: integer division is the slow part of
+    this loop.)"""
     inverse = 1.0 / strides
     for i in range(positions.size):
         rest = np.int64(positions[i])
@@ -172,10 +150,10 @@ def flat_indices(positions, strides, steps, out):
         for d in range(strides.size):
             coordinate = np.int64(rest * inverse[d])
             remainder = rest - coordinate * strides[d]
-            if remainder < 0:
+            while remainder < 0:
                 coordinate -= 1
                 remainder += strides[d]
-            elif remainder >= strides[d]:
+            while remainder >= strides[d]:
                 coordinate += 1
                 remainder -= strides[d]
             rest = remainder

@@ -150,7 +150,8 @@ def _workers() -> int:
 PARALLEL_ABOVE = 1 << 18
 """Work (entries) below which the passes run in the calling thread."""
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+"""(threads, the pool that runs all but the first group of :func:`run_balanced`)."""
 
 
 def run_balanced(
@@ -169,15 +170,15 @@ def run_balanced(
         lightest = loads.index(min(loads))
         groups[lightest].append(i)
         loads[lightest] += jobs[i][0]
-    if _POOL is None or _POOL._max_workers < workers - 1:
-        _POOL = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="winnow")
+    if _POOL is None or _POOL[0] < workers - 1:
+        _POOL = workers - 1, ThreadPoolExecutor(workers - 1, thread_name_prefix="winnow")
     results: list = [None] * len(jobs)
 
     def run(group: list[int]) -> None:
         for i in group:
             results[i] = jobs[i][1]()
 
-    pending = [_POOL.submit(run, g) for g in groups[1:] if g]
+    pending = [_POOL[1].submit(run, g) for g in groups[1:] if g]
     run(groups[0])
     for future in pending:
         future.result()
@@ -321,8 +322,9 @@ class Survivors:
         cuts = self._decide(scores, density, scope, min_per_layer)
         # the removed positions are written to scratch, reused from round to round, then copied
         # out (few): fresh pages per round cost more than the copies
-        if self._removed is None or self._removed.size < sum(v.size for v, _ in cuts.values()):
-            self._removed = _touched(sum(v.size for v, _ in cuts.values()), np.int64)
+        alive = sum(values.size for values, _ in cuts.values())
+        if self._removed is None or self._removed.size < alive:
+            self._removed = np.empty(alive, dtype=np.int64)  # only its first pages are written
         jobs, outputs, start = [], {}, 0
         for name, (values, (threshold, tied)) in cuts.items():
             index = self.index[name]
@@ -464,14 +466,14 @@ class Survivors:
             tensors = [t.contiguous() for t in tensors]
         self._relayout(name, tensors[0].stride())
         flats = [t.as_strided((t.numel(),), (1,)).numpy() for t in tensors]
-        kernel = _kernels.gather if len(flats) == 1 else _kernels.gather_abs_product
         info = np.finfo(out.dtype)
         low, high = out.dtype.type(info.min), out.dtype.type(info.max)
         index = self.index[name]
         positions = _ALL if index is None else index
         return functools.partial(
-            kernel, *flats, positions, index is None, low, high, out, _workers()
-        )
+            _kernels.gather, flats[0], flats[-1], len(flats) > 1, positions, index is None,
+            low, high, out, _workers(),
+        )  # fmt: skip
 
     def _relayout(self, name: str, stride: tuple[int, ...]) -> None:
         """Make ``index[name]`` refer to storage laid out with ``stride`` (sorted again)."""

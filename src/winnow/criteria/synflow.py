@@ -44,7 +44,7 @@ def synflow(
     input_shape: tuple[int, ...] | None = None,
     dtype: torch.dtype | None = None,
     channels_last: bool | None = None,
-) -> dict[str, Tensor]:
+) -> AbsProductScores:
     """SynFlow (Tanaka et al. 2020): ``|θ ⊙ ∂R/∂θ|``, data-free.
 
     In eval mode, every floating-point tensor of the state_dict (weights, biases, BatchNorm
@@ -61,6 +61,10 @@ def synflow(
     copy in the channels-last memory format, whose single-sample pass oneDNN runs 1.3-1.8x
     faster than the default layout's here (VGG-19, ResNet-20); the scores are the same up to
     float rounding and come in the copy's layout.
+
+    Returns :class:`~winnow.selection.AbsProductScores` over θ and ∂R/∂θ: the product is
+    formed where the scores are read (selection reads only the weights still alive);
+    :func:`winnow.score` returns it formed.
     """
     shape = input_shape_of(data, input_shape)
     if not getattr(work, LINEARISED, False):  # |x| is idempotent: once per private copy
