@@ -346,3 +346,32 @@ def test_flat_indices_of_large_tensors_are_exact():
     w, c = np.divmod(rest, stride[3])
     expected = np.ravel_multi_index((o, c, h, w), shape)
     assert np.array_equal(flat_indices(positions, shape, stride), expected)
+
+
+def _select_in_child(scores, queue):
+    # counted with numpy: torch's own parallel ops would hang here (its OpenMP threads did not
+    # survive the fork either; DataLoader workers set one thread for that reason)
+    queue.put(int(select(scores, 0.3)["w"].numpy().sum()))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_selection_runs_in_a_process_forked_after_parallel_passes(monkeypatch):
+    """GNU OpenMP cannot restart in a forked child (numba aborts the process): a child forked
+    after the parent's parallel passes selects with plain loops, and gets the same masks."""
+    import multiprocessing
+
+    import winnow.selection as selection
+
+    monkeypatch.setattr(selection, "EXACT_BELOW", 1000)
+    monkeypatch.setattr(selection, "PARALLEL_ABOVE", 0)
+    monkeypatch.setattr(selection, "_workers", selection._workers)  # restored afterwards
+    scores = {"w": torch.rand(200_000, generator=torch.Generator().manual_seed(6))}
+    expected = int(select(scores, 0.3)["w"].numpy().sum())  # parallel parts in this process
+    assert selection._STARTED
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_select_in_child, args=(scores, queue))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0, "the child was killed or hung"
+    assert queue.get(timeout=5) == expected

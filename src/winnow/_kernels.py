@@ -39,7 +39,7 @@ def _gather_part(a, b, product, positions, dense, low, high, out):
 
 
 @_parallel
-def gather(a, b, product, positions, dense, low, high, out, chunks):
+def _gather_parallel(a, b, product, positions, dense, low, high, out, chunks):
     """``out[i]``: the score at ``p = positions[i]`` (``p = i`` if ``dense``), ``|a[p] *
     b[p]|`` if ``product`` (in the arrays' dtype, as torch forms it) else ``a[p]``; NaN and
     values below ``low`` (-inf) become ``low``, values above ``high`` (+inf) ``high``. In
@@ -67,7 +67,7 @@ def _band_part(values, low, high, inside):
 
 
 @_parallel
-def band(values, low, high, inside, bounds, counts):
+def _band_parallel(values, low, high, inside, bounds, counts):
     """Count the values above ``high`` and those in [low, high], and flag the latter in
     ``inside``; in parallel parts ``bounds[c]:bounds[c + 1]``, whose two counts go to
     ``counts[c]``. (No branch and no store that depends on the data: the loop runs on vector
@@ -89,7 +89,7 @@ def _flagged_part(flags, words, first, out):
 
 
 @_parallel
-def flagged(flags, words, word_bounds, starts, out):
+def _flagged_parallel(flags, words, word_bounds, starts, out):
     """The positions of the true entries of ``flags`` (a boolean array whose length is a
     multiple of 8, also viewed as 64-bit ``words``) into ``out``: part c covers the words
     ``word_bounds[c]:word_bounds[c + 1]`` and writes from ``starts[c]`` on. Few flags are
@@ -159,3 +159,31 @@ def flat_indices(positions, strides, steps, out):
             rest = remainder
             flat += coordinate * steps[d]
         out[i] = flat
+
+
+# The parallel loops run on numba's threads (OpenMP); with one part the plain loops run instead,
+# so a process that must not start those threads (see winnow.selection._workers) never does.
+
+
+def gather(a, b, product, positions, dense, low, high, out, chunks):
+    """See :func:`_gather_parallel`."""
+    if chunks > 1:
+        _gather_parallel(a, b, product, positions, dense, low, high, out, chunks)
+    else:
+        _gather_part(a, b, product, positions, dense, low, high, out)
+
+
+def band(values, low, high, inside, bounds, counts):
+    """See :func:`_band_parallel`."""
+    if bounds.size > 2:
+        _band_parallel(values, low, high, inside, bounds, counts)
+    else:
+        counts[0, 0], counts[0, 1] = _band_part(values, low, high, inside)
+
+
+def flagged(flags, words, word_bounds, starts, out):
+    """See :func:`_flagged_parallel`."""
+    if word_bounds.size > 2:
+        _flagged_parallel(flags, words, word_bounds, starts, out)
+    else:
+        _flagged_part(flags, words, 0, out)

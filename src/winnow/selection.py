@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -143,8 +144,28 @@ def _touched(size: int, dtype: type) -> np.ndarray:
 
 def _workers() -> int:
     """Parallel parts for the compiled passes: torch's intra-op thread count, at most 4
-    (memory-bound passes gain little beyond)."""
+    (memory-bound passes gain little beyond); 1 in a process forked from one whose parallel
+    passes had run (GNU OpenMP cannot start again there: numba would abort it)."""
+    global _STARTED
+    if _FORKED:
+        return 1
+    _STARTED = True
     return max(1, min(torch.get_num_threads(), 4))
+
+
+_STARTED = False
+"""Whether this process has run parallel passes (their threads and the pool exist)."""
+_FORKED = False
+"""Whether this process was forked from one that had."""
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED, _POOL
+    _FORKED = _FORKED or _STARTED
+    _POOL = None  # its threads did not come along
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 PARALLEL_ABOVE = 1 << 18
