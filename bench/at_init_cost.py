@@ -8,7 +8,7 @@ For VGG-19 and ResNet-20 (CIFAR shape, 3x32x32, 10 classes), measured in one run
 - SynFlow with 100 rounds to 1% density, with the time spent in selection reported apart;
   its unit is timed after every round, inside the run, because this machine's speed swings by
   2-4x within seconds (SNIP and GraSP are set against passes timed just before and after).
-  The first SynFlow call in a process (numba loading its compiled loops) is timed apart.
+  The first SynFlow call in a process (one-time loading and preparing) is timed apart.
 
 Targets (issue 3): SNIP <= 1.5 passes, GraSP <= 4 passes, SynFlow-100 <= 100 single-sample
 passes + 20% for selection (i.e. <= 120).
@@ -111,8 +111,9 @@ def bench(name: str, repeat: int, synflow_repeat: int) -> None:
         unit = sum(units) / len(units)
         return took / unit, unit, (masks, sum(selecting) / unit)
 
-    # the first call in a process also loads numba's compiled loops (cached on disk) and starts
-    # their threads: timed apart, and kept out of the ratios
+    # the first call in a process also loads numba's compiled loops (cached on disk), starts
+    # their threads and has oneDNN prepare the channels-last convolutions: timed apart, and kept
+    # out of the ratios
     warm_ups = []
     for _ in range(2):
         start = time.perf_counter()
@@ -148,7 +149,8 @@ def bench(name: str, repeat: int, synflow_repeat: int) -> None:
     )
     print(
         f"  (first SynFlow call in this process: {warm_ups[0] - warm_ups[1]:.2f} s more than the "
-        "next, loading the compiled selection loops; not in the ratios)"
+        "next: numba loads the compiled selection loops, oneDNN prepares the channels-last "
+        "convolutions; not in the ratios)"
     )
 
 
