@@ -375,3 +375,27 @@ def test_selection_runs_in_a_process_forked_after_parallel_passes(monkeypatch):
     child.join(60)
     assert child.exitcode == 0, "the child was killed or hung"
     assert queue.get(timeout=5) == expected
+
+
+def test_scores_in_any_layout_select_like_contiguous_ones(monkeypatch):
+    """A transposed tensor (a dense permuted layout, read through its storage) and a strided
+    view (not dense: copied) give the choices of the same scores laid out by default."""
+    import winnow.selection as selection
+    from winnow.selection import Survivors
+
+    monkeypatch.setattr(selection, "EXACT_BELOW", 100)
+    gen = torch.Generator().manual_seed(7)
+    transposed = (torch.rand(30, 20, generator=gen) * 9).round().t()  # shape (20, 30)
+    strided = (torch.rand(25, 40, generator=gen) * 9).round()[:, ::2]  # shape (25, 20)
+    assert not transposed.is_contiguous() and not strided.is_contiguous()
+    laid = {"t": transposed, "s": strided}
+    plain = {n: s.contiguous() for n, s in laid.items()}
+    assert select(laid, 0.3) == select(plain, 0.3)
+    a, b = (
+        Survivors({n: s.shape for n, s in laid.items()}),
+        Survivors({n: s.shape for n, s in plain.items()}),
+    )
+    for density in (0.6, 0.3, 0.1):
+        a.select(laid, density)
+        b.select(plain, density)
+        assert a.masks() == b.masks()
