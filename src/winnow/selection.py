@@ -121,7 +121,8 @@ def _band(values: np.ndarray, low: np.generic, high: np.generic) -> tuple[int, n
         scratch = _LOCAL.inside = _touched(8 * words, bool)
     inside = scratch[: 8 * words]
     inside[values.size :] = False
-    word_bounds = np.arange(_workers() + 1) * words // _workers()
+    parts = _workers()
+    word_bounds = np.arange(parts + 1) * words // parts
     counts = np.empty((word_bounds.size - 1, 2), dtype=np.int64)
     _kernels.band(values, low, high, inside, np.minimum(8 * word_bounds, values.size), counts)
     starts = np.cumsum(counts[:, 1]) - counts[:, 1]
