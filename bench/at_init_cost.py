@@ -29,8 +29,8 @@ from torch import nn
 
 import winnow.schedules.at_init as schedules
 from winnow import criteria, models, prunable_parameters
+from winnow.core._topk import Survivors
 from winnow.schedules import LayerCollapseWarning, prune_at_init
-from winnow.selection import Survivors
 
 
 def median_time(fn, repeat: int) -> float:

@@ -198,7 +198,7 @@ def training_cases() -> dict[str, torch.Tensor]:
 def structured_cases() -> dict[str, torch.Tensor]:
     """Gates learned by Pruning from Scratch, its structure, slimming, L1-filter, groups."""
     from winnow import structured
-    from winnow.selection import select_groups
+    from winnow.core.groups import select_groups
 
     data = winnow.data.load("synthetic", n_train=256, n_test=64, input_shape=(1, 32, 32))
     out = {}

@@ -11,6 +11,8 @@ from torch import nn
 
 import winnow
 from winnow import criteria
+from winnow.core.groups import select_groups
+from winnow.core.masks import Masks, prunable_parameters
 from winnow.criteria.fisher import (
     fisher_inverse_blocks,
     obs_prune,
@@ -18,10 +20,8 @@ from winnow.criteria.fisher import (
     per_sample_gradients,
     woodfisher_inverses,
 )
-from winnow.masks import Masks, prunable_parameters
 from winnow.neurons import fold_constant_neurons, linear_chains, merge_neurons
 from winnow.schedules import DenseSparseDense, GradualPruner, polynomial_sparsity
-from winnow.selection import select_groups
 
 
 @pytest.fixture(scope="module")

@@ -244,10 +244,10 @@ def test_iterative_pruning_equals_rescoring_from_scratch(method, scope):
     model = models.create("lenet5", seed=3)
     got = prune_at_init(model, method, 0.02, data, rounds=6, scope=scope)
     current = None
-    for target in winnow.selection.exponential_densities(0.02, 6):
+    for target in winnow.core.exponential_densities(0.02, 6):
         options = {"input_shape": (1, 28, 28)} if method == "synflow" else {"data": data}
         scores = criteria.score(model, method, masks=current, **options)
-        current = winnow.selection.select(scores, target, scope=scope, current=current)
+        current = winnow.core.selection.select(scores, target, scope=scope, current=current)
     assert got == current
 
 
@@ -323,8 +323,8 @@ def test_zeroing_the_pruned_weights_in_any_layout(dtype, positions_layout):
     none, the storage is written as integers)."""
     import numpy as np
 
+    from winnow.core._layout import storage_offsets
     from winnow.schedules.at_init import _zero
-    from winnow.selection import storage_offsets
 
     gen = torch.Generator().manual_seed(0)
     conv = torch.randn(6, 4, 3, 3, generator=gen).to(dtype)

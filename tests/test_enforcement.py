@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from winnow import Masks, enforce, models, prunable_parameters
-from winnow.enforcement import ZERO_PRESERVING
+from winnow.core.enforcement import ZERO_PRESERVING
 
 
 def random_masks(model, density=0.1, seed=0):

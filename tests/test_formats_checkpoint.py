@@ -1,6 +1,5 @@
 """Sparse checkpoints: exact round trips of pruned models, hostile files, and the CLI."""
 
-import hashlib
 import json
 import tracemalloc
 
@@ -16,6 +15,7 @@ import winnow
 from winnow import Masks, models, prunable_parameters
 from winnow.cli import main
 from winnow.formats import FORMATS, SparseFileError, inspect_sparse, load_sparse, save_sparse
+from winnow.io.container import _entry_digest, _header_digest
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -47,18 +47,15 @@ def read_raw(path):
     return load_file(str(path)), header
 
 
-def write_raw(path, arrays, header):
+def write_raw(path, arrays, header, sign=True):
+    """Write a checkpoint from raw parts; with ``sign`` its checksums are recomputed (a
+    crafted file that only the field checks and the decoders can refuse)."""
+    if sign:
+        for name, entry in header["entries"].items():
+            own = {k: torch.from_numpy(a) for k, a in arrays.items() if k.split("#")[0] == name}
+            entry["sha256"] = _entry_digest(entry, own)
+        header["sha256"] = _header_digest(header)
     save_file(arrays, str(path), metadata={"winnow": json.dumps(header)})
-
-
-def resign(arrays, header, name):
-    """Recompute the stream checksum of ``name``: corruptions then reach the decoders."""
-    entry = header["tensors"][name]
-    sha = hashlib.sha256()
-    for stream, size in entry["streams"].items():
-        if size:
-            sha.update(arrays[f"{name}#{stream}"].tobytes())
-    entry["streams_sha256"] = sha.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +180,10 @@ def test_corrupted_streams_reach_the_decoders_and_fail_cleanly(tmp_path_factory,
         stream[data.draw(st.integers(0, stream.size - 1))] ^= data.draw(st.integers(1, 255))
     else:
         stream = stream[: data.draw(st.integers(0, stream.size - 1))]
-        header["tensors"]["w"]["streams"][key.split("#")[1]] = int(stream.size)
+        header["entries"]["w"]["streams"][key.split("#")[1]] = int(stream.size)
     arrays[key] = stream
     if stream.size == 0:
         del arrays[key]
-    resign(arrays, header, "w")
     write_raw(folder / "bad.sparse", arrays, header)
     try:
         state = load_sparse(folder / "bad.sparse")
@@ -211,7 +207,7 @@ def test_hostile_metadata_is_an_error(lenet300_file, tmp_path_factory, data):
     _, path = lenet300_file
     arrays, header = read_raw(path)
     name = data.draw(st.sampled_from(header["order"]))
-    entry = header["tensors"][name]
+    entry = header["entries"][name]
     field = data.draw(st.sampled_from(["format", "shape", "dtype", "nnz", "params", "codec"]))
     if field == "params":
         key = data.draw(st.sampled_from(sorted(entry["params"]) + ["width"]))
@@ -234,23 +230,27 @@ def test_checksum_format_shape_and_count_errors(lenet300_file, tmp_path):
     name = read_raw(path)[1]["order"][0]
     bad = tmp_path / "bad.sparse"
 
-    def expect(change, match, **load):
+    def expect(change, match, sign=True, **load):
         arrays, header = read_raw(path)
-        change(arrays, header, header["tensors"][name])
-        write_raw(bad, arrays, header)
+        change(arrays, header, header["entries"][name])
+        write_raw(bad, arrays, header, sign)
         with pytest.raises(SparseFileError, match=match):
             load_sparse(bad, **load)
 
     def wrong_checksum(arrays, header, entry):
-        entry["sha256"] = "0" * 64
+        entry["decoded_sha256"] = "0" * 64
 
     def wrong_stream(arrays, header, entry):
         key = next(k for k in arrays if k.startswith(name + "#"))
         arrays[key] = arrays[key].copy()
         arrays[key][0] ^= 1
 
+    def reshaped(arrays, header, entry):
+        entry["shape"] = entry["shape"][::-1]
+
     expect(wrong_checksum, "checksum mismatch of the decoded tensor")
-    expect(wrong_stream, "checksum mismatch of the stored streams")
+    expect(wrong_stream, f"checksum mismatch for '{name}'", sign=False)
+    expect(reshaped, "header checksum mismatch", sign=False)  # a shape edited in the header
     expect(lambda a, h, e: e.update(format="zip"), "unknown format 'zip'")
     expect(lambda a, h, e: e.update(dtype="complex64"), "unknown dtype")
     expect(lambda a, h, e: e.update(codec="lzma"), "unknown value codec")
@@ -260,6 +260,7 @@ def test_checksum_format_shape_and_count_errors(lenet300_file, tmp_path):
     expect(lambda a, h, e: e.update(nnz=-1), "non-zero count")
     expect(lambda a, h, e: h.update(version=99), "newer than this winnow")
     expect(lambda a, h, e: h.update(format="other"), "not a winnow sparse checkpoint")
+    expect(lambda a, h, e: h.update(order=h["order"][::-1]), "header checksum", sign=False)
     expect(lambda a, h, e: a.pop(next(iter(a))), "do not match the metadata")
     expect(lambda a, h, e: None, "max_tensor_bytes", max_tensor_bytes=100)
     plain = tmp_path / "plain.safetensors"
@@ -271,7 +272,7 @@ def test_checksum_format_shape_and_count_errors(lenet300_file, tmp_path):
 def test_absurd_shapes_allocate_nothing(lenet300_file, tmp_path):
     _, path = lenet300_file
     arrays, header = read_raw(path)
-    for entry in header["tensors"].values():
+    for entry in header["entries"].values():
         entry["shape"] = [2**30, 2**30]  # 2**60 elements
         entry["nnz"] = 2**40
     bad = tmp_path / "huge.sparse"
@@ -296,7 +297,7 @@ def test_never_unpickles(tmp_path):
 
     path = tmp_path / "pickle.sparse"
     torch.save({"w": Boom()}, path)  # a pickle that would run code if unpickled
-    with pytest.raises(SparseFileError, match="not a readable safetensors file"):
+    with pytest.raises(SparseFileError, match="not a winnow sparse checkpoint"):
         load_sparse(path)
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 import winnow
 import winnow.cli
+from winnow.core.masks import Masks
 from winnow.experiments import RunStore, lottery
-from winnow.masks import Masks
 from winnow.schedules import (
     iterative_magnitude_pruning,
     lottery_rates,

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from winnow import Masks, models, prunable_parameters
-from winnow.masks import MaskFileError
+from winnow.core.masks import MaskFileError
 
 
 def random_masks(model: nn.Module, density: float = 0.3, seed: int = 0) -> Masks:

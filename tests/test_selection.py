@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from winnow import Masks
-from winnow.selection import check_sparsity, exponential_densities, select
+from winnow.core.densities import check_sparsity, exponential_densities
+from winnow.core.selection import select
 
 
 def scores_of(*tensors):
@@ -105,10 +106,10 @@ def reference_select(scores, k, alive):
 @pytest.mark.parametrize("sample_size", [1 << 16, 8])
 def test_large_selection_equals_sorting(monkeypatch, sample_size):
     """The sampled-bracket threshold (and its fallback) is exact, ties and dead weights included."""
-    import winnow.selection as selection
+    import winnow.core._topk as topk
 
-    monkeypatch.setattr(selection, "EXACT_BELOW", 1000)
-    monkeypatch.setattr(selection, "SAMPLE_SIZE", sample_size)
+    monkeypatch.setattr(topk, "EXACT_BELOW", 1000)
+    monkeypatch.setattr(topk, "SAMPLE_SIZE", sample_size)
     gen = torch.Generator().manual_seed(0)
     scores = {
         "a": (torch.rand(300, 40, generator=gen) * 50).round(),  # many ties
@@ -133,10 +134,10 @@ def test_alive_nan_never_loses_to_dead_weights():
 def test_survivors_rounds_equal_repeated_select(monkeypatch, scope, guard):
     """Iterative selection on the compact survivors gives the masks a fresh select() would give
     round after round, with the sampled bracket in use (ties, NaN and dead weights included)."""
-    import winnow.selection as selection
-    from winnow.selection import Survivors
+    import winnow.core._topk as topk
+    from winnow.core._topk import Survivors
 
-    monkeypatch.setattr(selection, "EXACT_BELOW", 500)
+    monkeypatch.setattr(topk, "EXACT_BELOW", 500)
     gen = torch.Generator().manual_seed(1)
     shapes = {"a": (60, 50), "b": (4000,), "c": (7, 9)}
     survivors = Survivors(shapes)
@@ -155,7 +156,7 @@ def test_survivors_rounds_equal_repeated_select(monkeypatch, scope, guard):
 
 
 def test_survivors_reject_mismatched_scores():
-    from winnow.selection import Survivors
+    from winnow.core._topk import Survivors
 
     survivors = Survivors({"w": (3, 4)})
     with pytest.raises(ValueError, match="shape"):
@@ -183,10 +184,11 @@ def test_mixed_dtypes_and_infinities_select_quietly():
 def test_channels_last_scores_select_like_contiguous_ones(monkeypatch):
     """Survivors read channels-last scores through their storage: same choices, round after
     round, as the same scores in the default layout."""
-    import winnow.selection as selection
-    from winnow.selection import Survivors, flat_indices
+    import winnow.core._topk as topk
+    from winnow.core._layout import flat_indices
+    from winnow.core._topk import Survivors
 
-    monkeypatch.setattr(selection, "EXACT_BELOW", 500)
+    monkeypatch.setattr(topk, "EXACT_BELOW", 500)
     gen = torch.Generator().manual_seed(2)
     shapes = {"conv": (16, 8, 3, 3), "fc": (10, 50)}
     plain, strided = Survivors(shapes), Survivors(shapes)
@@ -209,7 +211,7 @@ def test_channels_last_scores_select_like_contiguous_ones(monkeypatch):
 def test_storage_offsets_of_a_channels_last_tensor(step):
     import numpy as np
 
-    from winnow.selection import storage_offsets
+    from winnow.core._layout import storage_offsets
 
     tensor = torch.randn(6, 5, 3, 4).to(memory_format=torch.channels_last)
     flat = np.arange(tensor.numel(), dtype=np.int32)[::step]
@@ -223,10 +225,11 @@ def test_absolute_product_scores_select_like_the_dense_product(monkeypatch):
     """SynFlow's scores |a ⊙ b| read at the alive weights only (the product is never formed
     whole): the same masks as the dense product torch forms, channels-last factors included;
     factors of mixed dtypes are multiplied as torch does (promoted) instead."""
-    import winnow.selection as selection
-    from winnow.selection import AbsProductScores, Survivors
+    import winnow.core._topk as topk
+    from winnow.core._topk import Survivors
+    from winnow.core.scores import AbsProductScores
 
-    monkeypatch.setattr(selection, "EXACT_BELOW", 300)
+    monkeypatch.setattr(topk, "EXACT_BELOW", 300)
     gen = torch.Generator().manual_seed(3)
     shapes = {"conv": (12, 6, 3, 3), "fc": (40, 30)}
     factors = {
@@ -259,11 +262,12 @@ def test_absolute_product_scores_select_like_the_dense_product(monkeypatch):
 def test_parallel_parts_do_not_change_the_choice(monkeypatch, workers):
     """The compiled passes split arrays into parts (and run tensors side by side): any number
     of parts gives the masks of one part."""
-    import winnow.selection as selection
-    from winnow.selection import Survivors
+    import winnow.core._parallel as parallel
+    import winnow.core._topk as topk
+    from winnow.core._topk import Survivors
 
-    monkeypatch.setattr(selection, "EXACT_BELOW", 200)
-    monkeypatch.setattr(selection, "PARALLEL_ABOVE", 0)
+    monkeypatch.setattr(topk, "EXACT_BELOW", 200)
+    monkeypatch.setattr(parallel, "PARALLEL_ABOVE", 0)
     gen = torch.Generator().manual_seed(4)
     shapes = {"a": (50, 41), "b": (3001,), "c": (9, 5, 3, 3)}
     rounds = [
@@ -272,7 +276,7 @@ def test_parallel_parts_do_not_change_the_choice(monkeypatch, workers):
     ]
     results = {}
     for count in (1, workers):
-        monkeypatch.setattr(selection, "_workers", lambda count=count: count)
+        monkeypatch.setattr(parallel, "workers", lambda count=count: count)
         survivors, removed = Survivors(shapes), []
         for scores, density in zip(rounds, (0.7, 0.4, 0.2, 0.05), strict=True):
             removed.append({n: r.tolist() for n, r in survivors.select(scores, density).items()})
@@ -283,10 +287,10 @@ def test_parallel_parts_do_not_change_the_choice(monkeypatch, workers):
 def test_positions_follow_the_layout_of_each_round(monkeypatch):
     """Scores that change layout between rounds (default, channels-last, default) are read
     through their storage each time, with the choices of scores that never change layout."""
-    import winnow.selection as selection
-    from winnow.selection import Survivors
+    import winnow.core._topk as topk
+    from winnow.core._topk import Survivors
 
-    monkeypatch.setattr(selection, "EXACT_BELOW", 300)
+    monkeypatch.setattr(topk, "EXACT_BELOW", 300)
     gen = torch.Generator().manual_seed(5)
     shapes = {"conv": (8, 7, 3, 3), "fc": (20, 11)}
     plain, switching = Survivors(shapes), Survivors(shapes)
@@ -316,7 +320,7 @@ def test_flat_indices_invert_storage_offsets(shape, order):
     dimensions): storage positions -> flat indices -> storage positions is the identity."""
     import numpy as np
 
-    from winnow.selection import dense_layout, flat_indices, storage_offsets
+    from winnow.core._layout import dense_layout, flat_indices, storage_offsets
 
     tensor = torch.randn([shape[d] for d in order]).permute(*np.argsort(order))
     assert tensor.shape == shape and dense_layout(tensor)
@@ -334,7 +338,7 @@ def test_flat_indices_of_large_tensors_are_exact():
     largest positions of a 4096x4096x3x3 channels-last weight (151M entries)."""
     import numpy as np
 
-    from winnow.selection import flat_indices
+    from winnow.core._layout import flat_indices
 
     shape = (4096, 4096, 3, 3)
     stride = (4096 * 9, 1, 3 * 4096, 4096)  # channels-last
@@ -360,14 +364,15 @@ def test_selection_runs_in_a_process_forked_after_parallel_passes(monkeypatch):
     after the parent's parallel passes selects with plain loops, and gets the same masks."""
     import multiprocessing
 
-    import winnow.selection as selection
+    import winnow.core._parallel as parallel
+    import winnow.core._topk as topk
 
-    monkeypatch.setattr(selection, "EXACT_BELOW", 1000)
-    monkeypatch.setattr(selection, "PARALLEL_ABOVE", 0)
-    monkeypatch.setattr(selection, "_workers", selection._workers)  # restored afterwards
+    monkeypatch.setattr(topk, "EXACT_BELOW", 1000)
+    monkeypatch.setattr(parallel, "PARALLEL_ABOVE", 0)
+    monkeypatch.setattr(parallel, "workers", parallel.workers)  # restored afterwards
     scores = {"w": torch.rand(200_000, generator=torch.Generator().manual_seed(6))}
     expected = int(select(scores, 0.3)["w"].numpy().sum())  # parallel parts in this process
-    assert selection._STARTED
+    assert parallel._STARTED
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_select_in_child, args=(scores, queue))
@@ -380,10 +385,10 @@ def test_selection_runs_in_a_process_forked_after_parallel_passes(monkeypatch):
 def test_scores_in_any_layout_select_like_contiguous_ones(monkeypatch):
     """A transposed tensor (a dense permuted layout, read through its storage) and a strided
     view (not dense: copied) give the choices of the same scores laid out by default."""
-    import winnow.selection as selection
-    from winnow.selection import Survivors
+    import winnow.core._topk as topk
+    from winnow.core._topk import Survivors
 
-    monkeypatch.setattr(selection, "EXACT_BELOW", 100)
+    monkeypatch.setattr(topk, "EXACT_BELOW", 100)
     gen = torch.Generator().manual_seed(7)
     transposed = (torch.rand(30, 20, generator=gen) * 9).round().t()  # shape (20, 30)
     strided = (torch.rand(25, 40, generator=gen) * 9).round()[:, ::2]  # shape (25, 20)

@@ -18,12 +18,12 @@ The public API is small; each piece lives in a module of its own:
 """
 
 from winnow import analysis, data, models, structured
+from winnow.core.enforcement import MaskEnforcer, enforce
+from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.selection import select
 from winnow.criteria import score
-from winnow.enforcement import MaskEnforcer, enforce
 from winnow.formats import load_sparse, save_sparse
-from winnow.masks import Masks, prunable_parameters
 from winnow.schedules import prune_at_init
-from winnow.selection import select
 from winnow.structured import prune_from_scratch, shrink
 from winnow.training import TrainConfig, TrainResult, evaluate, train
 

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from winnow.core.masks import Masks, prunable_parameters
 from winnow.criteria.data import DataSource, model_device, sample_batches, set_bn_mode
 from winnow.criteria.snip import loss_gradient
-from winnow.masks import Masks, prunable_parameters
 
 
 def gradient_norm(

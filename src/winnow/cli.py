@@ -22,8 +22,9 @@ import torch
 import winnow
 from winnow import data as datasets
 from winnow import models
+from winnow.core.masks import Masks
 from winnow.formats import cli as formats_cli
-from winnow.masks import Masks, atomic_write_bytes
+from winnow.io import atomic_write_bytes
 from winnow.training import OPTIMIZERS, TrainConfig, TrainResult, train
 
 

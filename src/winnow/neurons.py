@@ -23,7 +23,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from winnow.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks, prunable_parameters
 
 ELEMENTWISE = (
     nn.ReLU,

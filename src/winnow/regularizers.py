@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from winnow.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks, prunable_parameters
 
 GROUPS: dict[str, int] = {"filter": 0, "neuron": 0, "channel": 1}
 """Group name -> the axis a group is a slice of: a filter (convolution) or neuron (Linear) is

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from winnow.core.enforcement import enforce
+from winnow.core.masks import Masks
 from winnow.data import Batches, DataSplits
-from winnow.enforcement import enforce
-from winnow.masks import Masks
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")

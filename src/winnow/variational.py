@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from winnow.masks import Masks
+from winnow.core.masks import Masks
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 """Constants of the KL approximation, Molchanov et al. 2017, Eq. 14."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from winnow.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks, prunable_parameters
 
 ScoreFunction = Callable[..., dict[str, Tensor]]
 

@@ -27,10 +27,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.selection import select
 from winnow.criteria._registry import register
 from winnow.criteria.data import model_device, sample_batches
-from winnow.masks import Masks, prunable_parameters
-from winnow.selection import select
 
 
 def per_sample_gradients(

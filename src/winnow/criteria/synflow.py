@@ -8,10 +8,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from winnow.core.scores import AbsProductScores
 from winnow.criteria._registry import register
 from winnow.criteria.data import DataSource, model_device
 from winnow.data import DataSplits
-from winnow.selection import AbsProductScores
 
 
 def input_shape_of(data: DataSource | None, input_shape) -> tuple[int, ...]:
@@ -62,7 +62,7 @@ def synflow(
     faster than the default layout's here (VGG-19, ResNet-20); the scores are the same up to
     float rounding and come in the copy's layout.
 
-    Returns :class:`~winnow.selection.AbsProductScores` over θ and ∂R/∂θ: the product is
+    Returns :class:`~winnow.core.selection.AbsProductScores` over θ and ∂R/∂θ: the product is
     formed where the scores are read (selection reads only the weights still alive);
     :func:`winnow.score` returns it formed.
     """

@@ -28,7 +28,7 @@ def taylor(
 ) -> dict[str, Tensor]:
     """Σ_batches |∂L/∂α_c| for the output unit c of each prunable weight, broadcast to the
     weights of that unit (every weight of a filter or neuron gets its unit's score), so that
-    :func:`winnow.selection.select_groups` with ``group="filter"`` removes whole units.
+    :func:`winnow.core.select_groups` with ``group="filter"`` removes whole units.
 
     BatchNorm runs in eval mode by default: in train mode it normalises away any scale of its
     input, so a gate in front of it would always get a zero gradient.

@@ -51,10 +51,8 @@ from winnow.experiments.store import (
     config_from_dict,
     config_id,
     config_to_dict,
-    load_tensors,
-    save_tensors,
-    tensor_metadata,
 )
+from winnow.io import load_tensors, save_tensors, tensor_metadata
 
 __all__ = [
     "STATUSES",

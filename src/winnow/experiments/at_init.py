@@ -20,15 +20,15 @@ from pathlib import Path
 
 import winnow
 from winnow.analysis import gradient_norm, shuffle_within_layers
+from winnow.core.densities import check_density
+from winnow.core.masks import Masks
 from winnow.criteria import REGISTRY
 from winnow.criteria import available as available_criteria
 from winnow.experiments.common import load_data
 from winnow.experiments.report import aggregate, bar_plot, line_plot, write_table
 from winnow.experiments.runner import run_sweep
 from winnow.experiments.store import Run, RunStore
-from winnow.masks import Masks
 from winnow.schedules import prune_at_init
-from winnow.selection import check_density
 from winnow.training import TrainConfig, train
 
 EXPERIMENT = "at-init"

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import winnow
 from winnow.analysis import shuffle_within_layers
+from winnow.core.densities import check_sparsity
+from winnow.core.masks import Masks
 from winnow.experiments.common import load_data
 from winnow.experiments.report import aggregate, line_plot, write_table
 from winnow.experiments.runner import run_sweep
-from winnow.experiments.store import Run, RunStore, config_id, load_tensors
-from winnow.masks import Masks
+from winnow.experiments.store import Run, RunStore, config_id
+from winnow.io import load_tensors
 from winnow.schedules.lottery import iterative_magnitude_pruning, lottery_rates, train_round
-from winnow.selection import check_sparsity
 from winnow.training import TrainConfig, TrainResult
 
 EXPERIMENT = "lottery"

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from winnow.masks import atomic_write_bytes
+from winnow.io import atomic_write_bytes
 
 
 def aggregate(

@@ -31,7 +31,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from winnow.experiments.store import Run, RunStore, config_id
-from winnow.masks import atomic_write_bytes
+from winnow.io import atomic_write_bytes
 
 
 @dataclass

@@ -39,9 +39,9 @@ import winnow
 from winnow.experiments.common import load_data
 from winnow.experiments.report import aggregate, bar_plot, markdown_table, write_table
 from winnow.experiments.runner import run_sweep
-from winnow.experiments.store import Run, RunStore, config_id, load_tensors, save_tensors
-from winnow.experiments.store import tensor_metadata as read_metadata
-from winnow.masks import atomic_write_bytes
+from winnow.experiments.store import Run, RunStore, config_id
+from winnow.io import atomic_write_bytes, load_tensors, save_tensors
+from winnow.io import tensor_metadata as read_metadata
 from winnow.structured import (
     Structure,
     analyse,

@@ -6,39 +6,35 @@ with a default keeps every old id valid. Its files live in ``<root>/<experiment>
 its status and its metrics live in ``<root>/winnow.sqlite`` (WAL mode, safe for several
 writing processes), so a sweep can be queried and its report rebuilt after the fact.
 
-Every file is written to a temporary name and renamed (:func:`winnow.masks.atomic_write_bytes`),
+Every file is written to a temporary name and renamed (:func:`winnow.io.atomic_write_bytes`),
 so a crash never leaves half a file behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import hashlib
 import json
-import math
 import os
 import sqlite3
 import threading
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from winnow.masks import atomic_write_bytes
+from winnow.io import atomic_write_bytes, dumps, load_tensors, save_tensors, to_json
 
 STATUSES = ("running", "done", "failed", "interrupted")
 """The statuses a run can have in the store."""
 
 DATABASE_NAME = "winnow.sqlite"
-TENSOR_FORMAT = "winnow.tensors"
 RESERVED_KEYS = frozenset({"run_id", "kind", "step"})
 """Keys that :meth:`RunStore.records` adds to every row; a record's data may not use them."""
 
@@ -65,48 +61,9 @@ CREATE TABLE IF NOT EXISTS records (
 
 
 # -- configurations --------------------------------------------------------------------------
-def _walk(value: Any, where: str, dataclass: Callable[[Any, str], Any], finite: bool) -> Any:
-    """``value`` as plain JSON data: tuples become lists, numpy/torch scalars Python numbers.
-
-    ``dataclass`` converts a dataclass instance met on the way. With ``finite``, NaN and
-    infinities become ``None`` (JSON has no such numbers).
-    """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return None if finite and not math.isfinite(value) else value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclass(value, where)
-    if isinstance(value, (Tensor, np.ndarray)):
-        return _walk(value.tolist(), where, dataclass, finite)
-    if isinstance(value, enum.Enum):
-        return _walk(value.value, where, dataclass, finite)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (list, tuple)):
-        return [_walk(v, f"{where}[{i}]", dataclass, finite) for i, v in enumerate(value)]
-    if isinstance(value, Mapping):
-        out = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: key {key!r} is not a string")
-            out[key] = _walk(item, f"{where}.{key}", dataclass, finite)
-        return out
-    raise TypeError(f"{where}: a {type(value).__name__} cannot be stored as JSON")
-
-
-def _no_dataclass(value: Any, where: str) -> Any:
-    raise TypeError(f"{where}: a {type(value).__name__} cannot be stored as JSON")
-
-
 def _jsonable(value: Any, where: str) -> Any:
     """Data for a record or a JSON file: NaN and infinities become ``None``."""
-    return _walk(value, where, _no_dataclass, finite=True)
+    return to_json(value, where)
 
 
 def _check_config(config: Any) -> None:
@@ -132,7 +89,7 @@ def _non_default(config: Any, where: str) -> dict[str, Any]:
     """The fields whose value differs from their default (nested configurations likewise)."""
 
     def canonical(value: Any, at: str) -> Any:
-        return _walk(value, at, _identity, finite=False)
+        return to_json(value, at, finite=False, dataclass=_identity)
 
     hints = typing.get_type_hints(type(config))
     out = {}
@@ -180,7 +137,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def _all_fields(config: Any, where: str) -> dict[str, Any]:
     return {
-        f.name: _walk(getattr(config, f.name), f"{where}.{f.name}", _all_fields, finite=False)
+        f.name: to_json(
+            getattr(config, f.name), f"{where}.{f.name}", finite=False, dataclass=_all_fields
+        )
         for f in _config_fields(config)
     }
 
@@ -233,83 +192,6 @@ def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 def _check_name(name: str, what: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
         raise ValueError(f"{what} {name!r} is not a valid directory name")
-
-
-# -- tensor files ----------------------------------------------------------------------------
-def _tensor_digest(tensors: Mapping[str, Tensor]) -> str:
-    """SHA-256 over each tensor's name, dtype, shape and bytes, in sorted name order."""
-    sha = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        sha.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode("utf-8"))
-        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return sha.hexdigest()
-
-
-def save_tensors(
-    path: str | os.PathLike,
-    tensors: Mapping[str, Tensor],
-    metadata: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``tensors`` to a safetensors file, atomically, with a checksum; return the path.
-
-    The safetensors metadata holds a SHA-256 of the tensors (names, dtypes, shapes, bytes) and
-    ``metadata`` (JSON-able) for :func:`tensor_metadata`. Tensors are copied to the CPU.
-    """
-    from safetensors.torch import save
-
-    path = Path(path)
-    cpu = {}
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, Tensor):
-            raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
-        cpu[name] = tensor.detach().to("cpu", copy=True).contiguous()
-    header = {
-        "format": TENSOR_FORMAT,
-        "sha256": _tensor_digest(cpu),
-        "metadata": json.dumps(_jsonable(dict(metadata or {}), "metadata")),
-    }
-    atomic_write_bytes(path, save(cpu, metadata=header))
-    return path
-
-
-def _open_tensors(path: Path, read: bool) -> tuple[dict[str, str], dict[str, Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise FileNotFoundError(f"no tensor file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if read else {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    if header.get("format") != TENSOR_FORMAT or "sha256" not in header:
-        raise ValueError(f"{path}: not a winnow tensor file (no checksum in its metadata)")
-    return header, tensors
-
-
-def load_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a file written by :func:`save_tensors`, verifying its checksum; never unpickles.
-
-    A truncated or corrupted file, a checksum mismatch, or a file that is not a winnow tensor
-    file raises ``ValueError`` naming the file.
-    """
-    path = Path(path)
-    header, tensors = _open_tensors(path, read=True)
-    if _tensor_digest(tensors) != header["sha256"]:
-        raise ValueError(f"{path}: checksum mismatch (the file is corrupted)")
-    return tensors
-
-
-def tensor_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``metadata`` saved with :func:`save_tensors` (reads the header only, no checksum)."""
-    path = Path(path)
-    header, _ = _open_tensors(path, read=False)
-    try:
-        return json.loads(header.get("metadata", "{}"))
-    except ValueError:
-        raise ValueError(f"{path}: invalid metadata") from None
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -479,9 +361,8 @@ def _check_status(status: str | None) -> None:
 
 
 def _dumps(value: Any, indent: int | None = None) -> str:
-    """Strict JSON (no NaN), compact unless indented."""
-    separators = (",", ":") if indent is None else None
-    return json.dumps(value, allow_nan=False, indent=indent, separators=separators)
+    """Strict JSON (no NaN), compact unless indented; keys in their own order."""
+    return dumps(value, indent=indent, sort_keys=False)
 
 
 class Run:

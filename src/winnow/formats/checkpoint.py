@@ -1,28 +1,27 @@
 """Sparse checkpoints: one safetensors file of encoded streams with JSON metadata.
 
-Layout: every tensor ``name`` becomes uint8 arrays ``"{name}#{stream}"`` (its index streams and
-its ``values`` stream; empty streams are not stored) in a safetensors container; the
-container's metadata key ``"winnow"`` holds JSON::
+Layout: a ``winnow.sparse`` container (:mod:`winnow.io.container`): every tensor ``name``
+becomes uint8 arrays ``"{name}#{stream}"`` (its index streams and its ``values`` stream; empty
+streams are not stored), and its entry in the JSON header says how to decode them::
 
-    {"format": "winnow.sparse", "version": 1, "order": [names...],
-     "tensors": {name: {"format": "csr", "shape": [300, 784], "dtype": "float32", "nnz": 23520,
-                        "params": {...}, "codec": "raw",
-                        "streams": {"indices": nbytes, "indptr": nbytes, "values": nbytes},
-                        "streams_sha256": sha256 of the streams, concatenated in that order,
-                        "sha256": sha256 of the decoded tensor's little-endian bytes}},
-     "metadata": {...}}
+    {"format": "csr", "shape": [300, 784], "dtype": "float32", "nnz": 23520,
+     "params": {...}, "codec": "raw",
+     "streams": {"indices": nbytes, "indptr": nbytes, "values": nbytes},
+     "decoded_sha256": sha256 of the decoded tensor's little-endian bytes,
+     "sha256": the container's checksum over these fields and the streams}
 
-Loading never unpickles and trusts nothing it reads: it validates the metadata (known format,
-dtype and codec; shapes, counts and parameters in range and consistent with the stream sizes;
-at most ``max_tensor_bytes`` per decoded tensor) before allocating, checks the streams'
-checksum before decoding them, checks every decoder's output, and compares the decoded tensor
-with its own checksum. Every problem is a :class:`SparseFileError` naming the file and the tensor.
+Loading never unpickles and trusts nothing it reads: the container checks the header's and
+each entry's checksum (fields and streams); the entry is validated (known format, dtype and
+codec; shapes, counts and parameters in range and consistent with the stream sizes; at most
+``max_tensor_bytes`` per decoded tensor) before anything is allocated; every decoder's output
+is checked, and the decoded tensor is compared with its own checksum. Every problem is a
+:class:`SparseFileError` naming the file and the tensor. Files of winnow 0.1 (version 1, with
+``streams_sha256`` and ``sha256`` per entry) load the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -47,10 +46,9 @@ from winnow.formats.encodings import (
     encode,
 )
 from winnow.formats.errors import SparseFileError
-from winnow.masks import atomic_write_bytes, read_header_table
+from winnow.io import read_container, sniff, to_json, write_container
 
 FILE_FORMAT = "winnow.sparse"
-FILE_VERSION = 1
 MAX_TENSOR_BYTES = 1 << 34
 """Default bound on one decoded tensor (16 GiB): larger claims are refused before allocating."""
 _MAX_NDIM = 64
@@ -135,7 +133,7 @@ def encode_state(
     compress_values: bool = False,
     level: int = value_codecs.DEFAULT_LEVEL,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[TensorInfo]]:
-    """Encode a state_dict: the arrays and the JSON header of a checkpoint, and a summary."""
+    """Encode a state_dict: the arrays and the header entries of a checkpoint, and a summary."""
     state = _state_dict(model_or_state_dict)
     if isinstance(format, Mapping) and set(format) - set(state):
         raise ValueError(f"formats given for unknown tensors: {sorted(set(format) - set(state))}")
@@ -162,8 +160,7 @@ def encode_state(
             "params": encoded.params,
             "codec": codec,
             "streams": {s: int(d.size) for s, d in streams.items()},
-            "streams_sha256": _sha(*streams.values()),
-            "sha256": _sha(view.words.view(np.uint8)),
+            "decoded_sha256": _sha(view.words.view(np.uint8)),
         }
         infos.append(
             TensorInfo(
@@ -177,13 +174,7 @@ def encode_state(
                 int(value_stream.size),
             )
         )
-    header = {
-        "format": FILE_FORMAT,
-        "version": FILE_VERSION,
-        "order": list(entries),
-        "tensors": entries,
-    }
-    return arrays, header, infos
+    return arrays, entries, infos
 
 
 def save_sparse(
@@ -205,16 +196,13 @@ def save_sparse(
     (JSON-able) is stored alongside. The file is written atomically. Returns one
     :class:`TensorInfo` per tensor.
     """
-    from safetensors.numpy import save
-
-    arrays, header, infos = encode_state(model_or_state_dict, format, compress_values, level)
-    if metadata is not None:
-        header["metadata"] = dict(metadata)
+    arrays, entries, infos = encode_state(model_or_state_dict, format, compress_values, level)
     try:
-        text = json.dumps(header, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as err:
+        extra = to_json(dict(metadata or {}), "metadata", finite=False)
+    except TypeError as err:
         raise ValueError(f"metadata is not JSON-able: {err}") from None
-    atomic_write_bytes(Path(path), save(arrays, metadata={"winnow": text}))
+    tensors = {k: torch.from_numpy(a if a.flags.writeable else a.copy()) for k, a in arrays.items()}
+    write_container(Path(path), FILE_FORMAT, entries, tensors, extra)
     return infos
 
 
@@ -229,8 +217,7 @@ class _Entry:
     params: dict[str, Any]
     codec: str
     streams: dict[str, int]
-    streams_sha256: str
-    sha256: str
+    decoded_sha256: str
 
     def info(self) -> TensorInfo:
         index = sum(size for s, size in self.streams.items() if s != "values")
@@ -285,36 +272,30 @@ def _parse_entry(path: Path, name: str, raw: Any, max_tensor_bytes: int) -> _Ent
     for stream, size in streams.items():
         if not _is_int(size) or size < 0:
             raise SparseFileError(f"{where}: invalid size {size!r} of stream {stream!r}")
-    digests = raw.get("streams_sha256"), raw.get("sha256")
-    if not all(isinstance(d, str) and _SHA.fullmatch(d) for d in digests):
+    decoded = raw.get("decoded_sha256", raw.get("sha256"))  # version 1 called it "sha256"
+    if not isinstance(decoded, str) or not _SHA.fullmatch(decoded):
         raise SparseFileError(f"{where}: invalid checksum")
-    return _Entry(name, fmt, tuple(shape), dtype, nnz, params, codec, dict(streams), *digests)
+    return _Entry(name, fmt, tuple(shape), dtype, nnz, params, codec, dict(streams), decoded)
 
 
-def _parse_header(metadata: Mapping[str, str], path: Path, max_tensor_bytes: int) -> list[_Entry]:
-    invalid = SparseFileError(f"{path}: not a winnow sparse checkpoint (no valid metadata)")
-    order, tensors = read_header_table(
-        metadata, path, FILE_FORMAT, FILE_VERSION, "tensors", "sparse checkpoint", invalid
+def _open(
+    path: str | os.PathLike, read: bool, max_tensor_bytes: int
+) -> tuple[Path, list[_Entry], dict]:
+    """The checkpoint's entries, validated, and its arrays as numpy (their shapes, unread)."""
+    container = read_container(
+        path, FILE_FORMAT, error=SparseFileError, what="winnow sparse checkpoint", read_arrays=read
     )
-    return [_parse_entry(path, name, tensors[name], max_tensor_bytes) for name in order]
-
-
-def _open(path: str | os.PathLike, read: bool) -> tuple[Path, dict[str, str], dict]:
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no sparse checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            if read:
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-            else:
-                arrays = {k: f.get_slice(k).get_shape() for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError) as err:
-        raise SparseFileError(f"{path}: not a readable safetensors file ({err})") from None
-    return path, metadata, arrays
+    path = container.path
+    entries = [
+        _parse_entry(path, name, container.entries[name], max_tensor_bytes)
+        for name in container.order
+    ]
+    if read:
+        arrays = {k: a.numpy() for k, a in container.arrays.items()}
+    else:
+        arrays = {k: shape for k, (_, shape) in container.shapes.items()}
+    _check_keys(path, entries, set(arrays))
+    return path, entries, arrays
 
 
 def _check_keys(path: Path, entries: list[_Entry], keys: set[str]) -> None:
@@ -333,9 +314,7 @@ def inspect_sparse(path: str | os.PathLike) -> list[TensorInfo]:
     The metadata and the stream sizes are validated; checksums are verified by
     :func:`load_sparse`.
     """
-    path, metadata, shapes = _open(path, read=False)
-    entries = _parse_header(metadata, path, 1 << 62)
-    _check_keys(path, entries, set(shapes))
+    path, entries, shapes = _open(path, False, 1 << 62)
     for entry in entries:
         for stream, size in entry.streams.items():
             if size and list(shapes[f"{entry.name}#{stream}"]) != [size]:
@@ -351,8 +330,6 @@ def _decode_entry(path: Path, entry: _Entry, arrays: Mapping[str, np.ndarray]) -
         if data.dtype != np.uint8 or data.ndim != 1 or data.size != size:
             raise SparseFileError(f"{where}: stream {stream!r} is not {size} bytes")
         streams[stream] = data
-    if _sha(*streams.values()) != entry.streams_sha256:
-        raise SparseFileError(f"{where}: checksum mismatch of the stored streams (corrupted)")
     value_stream = streams.pop("values")
     dtype = DTYPES[entry.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -368,7 +345,7 @@ def _decode_entry(path: Path, entry: _Entry, arrays: Mapping[str, np.ndarray]) -
         ) from None
     except (ValueError, IndexError, OverflowError, TypeError, KeyError, MemoryError) as err:
         raise SparseFileError(f"{where}: cannot decode ({type(err).__name__}: {err})") from None
-    if _sha(tensor.reshape(-1).view(torch.uint8).numpy()) != entry.sha256:
+    if _sha(tensor.reshape(-1).view(torch.uint8).numpy()) != entry.decoded_sha256:
         raise SparseFileError(f"{where}: checksum mismatch of the decoded tensor (corrupted)")
     return tensor
 
@@ -385,16 +362,12 @@ def load_sparse(
     :class:`SparseFileError` (a ``ValueError``) naming the file and the tensor; a tensor that
     would decode to more than ``max_tensor_bytes`` is refused before anything is allocated.
     """
-    path, metadata, arrays = _open(path, read=True)
-    entries = _parse_header(metadata, path, max_tensor_bytes)
-    _check_keys(path, entries, set(arrays))
+    path, entries, arrays = _open(path, True, max_tensor_bytes)
     return {e.name: _decode_entry(path, e, arrays).to(map_location) for e in entries}
 
 
 def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a safetensors file whose metadata says it is a sparse checkpoint."""
-    try:
-        _, metadata, _ = _open(path, read=False)
-        return json.loads(metadata.get("winnow", "{}")).get("format") == FILE_FORMAT
-    except (SparseFileError, FileNotFoundError, ValueError, AttributeError):
-        return False
+    """Whether ``path`` carries the sparse-checkpoint marker (found in the raw header, before
+    any parsing: a damaged checkpoint is still one, and :func:`load_sparse` says what is
+    wrong with it)."""
+    return sniff(path) == FILE_FORMAT

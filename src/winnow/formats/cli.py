@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from winnow.core.masks import Masks
 from winnow.formats import values as value_codecs
 from winnow.formats.checkpoint import (
     TensorInfo,
@@ -24,7 +25,7 @@ from winnow.formats.checkpoint import (
     save_sparse,
 )
 from winnow.formats.encodings import DTYPES, FORMATS, bound_bits
-from winnow.masks import Masks, atomic_write_bytes
+from winnow.io import atomic_write_bytes
 
 RUN_WEIGHTS = ("final.safetensors", "weights.safetensors", "model.safetensors")
 """Weight files looked for, in this order, when ``pack`` is given a run directory."""
@@ -38,7 +39,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from winnow.experiments.store import load_tensors, tensor_metadata
+    from winnow.io import load_tensors, sniff
 
     if path.is_dir():
         found = [path / name for name in RUN_WEIGHTS if (path / name).is_file()]
@@ -51,15 +52,13 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    if is_sparse_checkpoint(path):
+    kind = sniff(path)
+    if kind == "winnow.sparse":
         return load_sparse(path)
-    try:
-        tensor_metadata(path)
-        is_store_file = True
-    except ValueError:
-        is_store_file = False
-    if is_store_file:
+    if kind == "winnow.tensors":
         return load_tensors(path)
+    if kind == "winnow.masks":
+        raise ValueError(f"{path} is a winnow mask file, not weights (pass it with --masks)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

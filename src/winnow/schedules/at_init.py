@@ -12,18 +12,13 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from winnow import _kernels
+from winnow.core import _kernels
+from winnow.core._layout import dense_layout, flat_indices, storage_offsets
+from winnow.core._parallel import run_balanced
+from winnow.core._topk import Survivors
+from winnow.core.densities import check_density, exponential_densities
+from winnow.core.masks import Masks
 from winnow.criteria._registry import lookup, working_copy
-from winnow.masks import Masks
-from winnow.selection import (
-    Survivors,
-    check_density,
-    dense_layout,
-    exponential_densities,
-    flat_indices,
-    run_balanced,
-    storage_offsets,
-)
 
 DEFAULT_ROUNDS = {"synflow": 100}
 """Rounds used when ``rounds`` is not given (1 for every other criterion)."""

@@ -20,8 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from winnow.masks import Masks, prunable_parameters
-from winnow.selection import SCOPES, check_density, check_sparsity, select
+from winnow.core.densities import SCOPES, check_density, check_sparsity
+from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.selection import select
 
 Scorer = Callable[[nn.Module], Mapping[str, Tensor]]
 

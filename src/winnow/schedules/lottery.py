@@ -20,9 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from winnow.core.densities import check_sparsity
+from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.selection import select
 from winnow.data import DataSplits
-from winnow.masks import Masks, prunable_parameters
-from winnow.selection import check_sparsity, select
 from winnow.training import TrainConfig, TrainResult, train
 
 State = dict[str, Tensor]

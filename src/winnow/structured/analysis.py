@@ -84,7 +84,7 @@ def correlation_heatmap(
         from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plots need matplotlib: pip install winnow[plots]") from None
-    from winnow.masks import atomic_write_bytes
+    from winnow.io import atomic_write_bytes
 
     n = len(labels)
     side = min(max(4.8, 0.55 * n + 2.5), 24.0)

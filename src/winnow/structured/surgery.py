@@ -398,7 +398,7 @@ def shrink(
 
 def save(path: str | os.PathLike, model: nn.Module, spec: Mapping[str, Any]) -> Path:
     """Write ``model.state_dict()`` and its ``spec`` to one checksummed safetensors file."""
-    from winnow.experiments.store import save_tensors
+    from winnow.io import save_tensors
 
     return save_tensors(path, model.state_dict(), metadata={"spec": _jsonable(spec)})
 
@@ -409,7 +409,7 @@ def load(path: str | os.PathLike, base: nn.Module | None = None) -> tuple[nn.Mod
     The architecture is rebuilt from the stored spec (``base``: the dense module, for specs
     of custom modules) and the weights are loaded strictly.
     """
-    from winnow.experiments.store import load_tensors, tensor_metadata
+    from winnow.io import load_tensors, tensor_metadata
 
     spec = tensor_metadata(path)["spec"]
     model = rebuild(spec, base=base)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from winnow.masks import Masks
+from winnow.core.masks import Masks
 
 ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,

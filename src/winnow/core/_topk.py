@@ -1,14 +1,4 @@
-"""Selection: from scores to masks (how many weights to keep, and where).
-
-Every function here takes *density* (the fraction kept, in [0, 1]) and returns
-:class:`~winnow.masks.Masks`. Scores follow winnow's convention: higher = more important = kept.
-
-- :func:`select` keeps the top-k scores globally (one threshold for the whole model) or per
-  layer (the same density in every tensor, or a density per tensor), among the weights still
-  alive in ``current``; ties are broken by position, so the result has exactly k weights and is
-  deterministic. A guard keeps at least ``min_per_layer`` weights in every tensor.
-- :func:`exponential_densities` is the iterative schedule d^(k/n) of SynFlow and the
-  lottery-ticket literature.
+"""Exact top-k among the weights still alive: the engine behind :func:`winnow.select` (private).
 
 Finding the global threshold must not dominate an iterative method's cost (the reference
 SynFlow code spends two thirds of its 100-round loop in a global ``kthvalue``). winnow never
@@ -16,8 +6,8 @@ sorts the scores of a large model: a seeded, stratified sample brackets the thre
 vectorised pass over the scores finds the few inside the bracket, among which the threshold is
 found exactly (:func:`_kth_largest`); and :class:`Survivors` keeps the alive weights as lists
 of storage positions, so each round of iterative pruning reads, ranks and compacts the
-survivors only. The passes are compiled loops (:mod:`winnow._kernels`, numba) that release
-the GIL and run in parallel parts (numba threads within an array, or tensors side by side).
+survivors only. The passes are compiled loops (:mod:`winnow.core._kernels`, numba, loaded on
+first use) that release the GIL and run in parallel parts (:mod:`winnow.core._parallel`).
 """
 
 from __future__ import annotations
@@ -25,44 +15,34 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from winnow import _kernels
-from winnow.masks import Masks
+from winnow.core import _kernels, _parallel
+from winnow.core._layout import (
+    contiguous_stride,
+    dense_layout,
+    flat_indices,
+    index_dtype,
+    storage_offsets,
+)
+from winnow.core.densities import SCOPES, check_density
+from winnow.core.masks import Masks
+from winnow.core.scores import factors, float_dtype
 
-SCOPES = ("global", "layer")
-
-
-def check_density(density: float, what: str = "density") -> float:
-    """``density`` as a float, or ``ValueError`` if it is not in [0, 1]."""
-    value = float(density)
-    if not 0.0 <= value <= 1.0 or math.isnan(value):
-        raise ValueError(f"{what} must be in [0, 1] (the fraction kept), got {density!r}")
-    return value
-
-
-def check_sparsity(sparsity: float) -> float:
-    """``sparsity`` as a float, or ``ValueError`` if it is not in [0, 1)."""
-    value = float(sparsity)
-    if not 0.0 <= value < 1.0 or math.isnan(value):
-        raise ValueError(f"sparsity must be in [0, 1) (the fraction removed), got {sparsity!r}")
-    return value
+Rank = Callable[[np.ndarray], np.ndarray]
+"""Positions (in increasing order) in an array of candidates -> keys in the order ties are
+broken (lowest first)."""
 
 
 EXACT_BELOW = 1 << 16
 """Below this many candidates the threshold is found exactly by a partition of all of them."""
 SAMPLE_SIZE = 1 << 14
 
-
-T = TypeVar("T")
 
 Rank = Callable[[np.ndarray], np.ndarray]
 """Positions (in increasing order) in an array of candidates -> keys in the order ties are
@@ -118,10 +98,10 @@ def _band(values: np.ndarray, low: np.generic, high: np.generic) -> tuple[int, n
     words = -(-values.size // 8)
     scratch = getattr(_LOCAL, "inside", None)
     if scratch is None or scratch.size < 8 * words:
-        scratch = _LOCAL.inside = _touched(8 * words, bool)
+        scratch = _LOCAL.inside = _parallel.touched(8 * words, bool)
     inside = scratch[: 8 * words]
     inside[values.size :] = False
-    parts = _workers()
+    parts = _parallel.workers()
     word_bounds = np.arange(parts + 1) * words // parts
     counts = np.empty((word_bounds.size - 1, 2), dtype=np.int64)
     _kernels.band(values, low, high, inside, np.minimum(8 * word_bounds, values.size), counts)
@@ -133,78 +113,6 @@ def _band(values: np.ndarray, low: np.generic, high: np.generic) -> tuple[int, n
 
 _LOCAL = threading.local()
 """Per-thread scratch (the band's flags), kept from call to call."""
-
-
-def _touched(size: int, dtype: type) -> np.ndarray:
-    """A new array whose pages are already mapped: first writes to fresh memory from several
-    threads at once were 10x slower here (page faults contend; numpy asks for huge pages)."""
-    array = np.empty(size, dtype=dtype)
-    array.fill(0)
-    return array
-
-
-def _workers() -> int:
-    """Parallel parts for the compiled passes: torch's intra-op thread count, at most 4
-    (memory-bound passes gain little beyond); 1 in a process forked from one whose parallel
-    passes had run (GNU OpenMP cannot start again there: numba would abort it)."""
-    global _STARTED
-    if _FORKED:
-        return 1
-    _STARTED = True
-    return max(1, min(torch.get_num_threads(), 4))
-
-
-_STARTED = False
-"""Whether this process has run parallel passes (their threads and the pool exist)."""
-_FORKED = False
-"""Whether this process was forked from one that had."""
-
-
-def _after_fork_in_child() -> None:
-    global _FORKED, _POOL
-    _FORKED = _FORKED or _STARTED
-    _POOL = None  # its threads did not come along
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-PARALLEL_ABOVE = 1 << 18
-"""Work (entries) below which the passes run in the calling thread."""
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-"""(threads, the pool that runs all but the first group of :func:`run_balanced`)."""
-
-
-def run_balanced(
-    jobs: Sequence[tuple[int, Callable[[], T]]], parallel_above: int = PARALLEL_ABOVE
-) -> list[T]:
-    """Run ``(cost, job)`` pairs, in groups of about equal total cost on as many threads as
-    :func:`_workers` allows (the compiled passes release the GIL), or in the calling thread
-    when the costs add up to less than ``parallel_above``; results in the jobs' order."""
-    global _POOL
-    workers = _workers()
-    if workers == 1 or sum(cost for cost, _ in jobs) < parallel_above or len(jobs) < 2:
-        return [job() for _, job in jobs]
-    groups: list[list[int]] = [[] for _ in range(workers)]
-    loads = [0] * workers
-    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][0]):
-        lightest = loads.index(min(loads))
-        groups[lightest].append(i)
-        loads[lightest] += jobs[i][0]
-    if _POOL is None or _POOL[0] < workers - 1:
-        _POOL = workers - 1, ThreadPoolExecutor(workers - 1, thread_name_prefix="winnow")
-    results: list = [None] * len(jobs)
-
-    def run(group: list[int]) -> None:
-        for i in group:
-            results[i] = jobs[i][1]()
-
-    pending = [_POOL[1].submit(run, g) for g in groups[1:] if g]
-    run(groups[0])
-    for future in pending:
-        future.result()
-    return results
 
 
 Cut = tuple[np.generic, "np.ndarray | None"]
@@ -245,42 +153,6 @@ def _keep_top(values: np.ndarray, k: int, rank: Rank | None = None) -> np.ndarra
     return _flags(values, _cut(values, k, rank))
 
 
-class AbsProductScores(Mapping[str, Tensor]):
-    """Scores of the form ``|a ⊙ b|`` per tensor (SynFlow's ``|θ ⊙ ∂R/∂θ|``), formed only where
-    they are read.
-
-    Indexing forms the dense tensor, as torch computes it; :class:`Survivors` compute the
-    product at the alive weights only, in the same floating-point arithmetic, instead of
-    forming it for every weight each round. The factors are held, not copied: read the scores
-    before changing them.
-    """
-
-    def __init__(self, factors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
-        self.factors = dict(factors)
-
-    def __getitem__(self, name: str) -> Tensor:
-        a, b = self.factors[name]
-        return (a * b).abs_()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.factors)
-
-    def __len__(self) -> int:
-        return len(self.factors)
-
-
-def _factors(scores: Mapping[str, Tensor], name: str) -> tuple[Tensor, ...]:
-    if isinstance(scores, AbsProductScores):
-        return scores.factors[name]
-    return (scores[name],)
-
-
-def _float_dtype(scores: Mapping[str, Tensor]) -> torch.dtype:
-    """float64 if any score is float64, else float32 (numpy has no bfloat16)."""
-    wide = any(t.dtype == torch.float64 for n in scores for t in _factors(scores, n))
-    return torch.float64 if wide else torch.float32
-
-
 class Survivors:
     """The weights still alive while pruning, and exact top-k selection among them.
 
@@ -305,7 +177,7 @@ class Survivors:
             raise ValueError("no scores to select from")
         if current is not None and set(current) != set(self.shapes):
             raise ValueError("scores and current masks cover different parameters")
-        self.strides = {n: _contiguous_stride(s) for n, s in self.shapes.items()}
+        self.strides = {n: contiguous_stride(s) for n, s in self.shapes.items()}
         self.index: dict[str, np.ndarray | None] = {}
         self._scratch: np.ndarray | None = None
         self._removed: np.ndarray | None = None
@@ -320,7 +192,7 @@ class Survivors:
                     f"{tuple(alive.shape)}"
                 )
             flat = np.flatnonzero(alive.detach().reshape(-1).cpu().numpy())
-            self.index[name] = flat.astype(_index_dtype(shape.numel()))
+            self.index[name] = flat.astype(index_dtype(shape.numel()))
 
     def counts(self) -> dict[str, int]:
         """Weights alive per tensor."""
@@ -351,7 +223,7 @@ class Survivors:
         for name, (values, (threshold, tied)) in cuts.items():
             index = self.index[name]
             dense = index is None
-            kept = _touched(values.size, _index_dtype(values.size)) if dense else index
+            kept = _parallel.touched(values.size, index_dtype(values.size)) if dense else index
             gone = self._removed[start : start + values.size]
             start += values.size
             outputs[name] = kept, gone
@@ -362,7 +234,7 @@ class Survivors:
             jobs.append((values.size, functools.partial(_kernels.compact, *arguments)))
         removed = {}
         for (name, (kept, gone)), (count, dropped) in zip(
-            outputs.items(), run_balanced(jobs), strict=True
+            outputs.items(), _parallel.run_balanced(jobs), strict=True
         ):
             if not (self.index[name] is None and dropped == 0):
                 self.index[name] = kept[:count]
@@ -407,7 +279,7 @@ class Survivors:
             fractions = {n: check_density(density[n], f"density of {n}") for n in self.shapes}
         else:
             fractions = dict.fromkeys(self.shapes, check_density(density))
-        dtype = _float_dtype(scores)
+        dtype = float_dtype(scores)
         counts = list(self.counts().values())
         ends = np.cumsum(counts)
         starts, alive = ends - counts, int(ends[-1])
@@ -474,16 +346,16 @@ class Survivors:
         """The job that writes the scores of ``name``'s alive weights to ``out``, in the order
         of ``index[name]``, NaN and -inf as the lowest finite value, +inf as the largest (the
         shapes are checked and the layout of the positions settled before it is returned)."""
-        factors = _factors(scores, name)
-        for tensor in factors:
+        parts = factors(scores, name)
+        for tensor in parts:
             if tensor.shape != self.shapes[name]:
                 raise ValueError(
                     f"scores for {name!r} have shape {tuple(tensor.shape)}, expected "
                     f"{tuple(self.shapes[name])}"
                 )
-        if len(factors) > 1 and any(t.dtype != dtype for t in factors):
-            factors = (scores[name],)  # the product in the factors' own dtype, as torch forms it
-        tensors = [t.detach().to("cpu", dtype) for t in factors]
+        if len(parts) > 1 and any(t.dtype != dtype for t in parts):
+            parts = (scores[name],)  # the product in the factors' own dtype, as torch forms it
+        tensors = [t.detach().to("cpu", dtype) for t in parts]
         if len({t.stride() for t in tensors}) > 1 or not all(map(dense_layout, tensors)):
             tensors = [t.contiguous() for t in tensors]
         self._relayout(name, tensors[0].stride())
@@ -494,7 +366,7 @@ class Survivors:
         positions = _ALL if index is None else index
         return functools.partial(
             _kernels.gather, flats[0], flats[-1], len(flats) > 1, positions, index is None,
-            low, high, out, _workers(),
+            low, high, out, _parallel.workers(),
         )  # fmt: skip
 
     def _relayout(self, name: str, stride: tuple[int, ...]) -> None:
@@ -512,7 +384,7 @@ class Survivors:
         """Tie order among ``name``'s alive weights (positions in ``index[name]``): the flat
         index; ``None`` when the storage order is already that."""
         shape, stride = self.shapes[name], self.strides[name]
-        if stride == _contiguous_stride(shape):
+        if stride == contiguous_stride(shape):
             return None
         index = self.index[name]
         return lambda at: flat_indices(at if index is None else index[at], shape, stride)
@@ -525,7 +397,7 @@ class Survivors:
         """Scratch space for the alive scores, reused from round to round (fresh pages of a new
         array cost a page fault each)."""
         if self._scratch is None or self._scratch.dtype != dtype or self._scratch.size < size:
-            self._scratch = _touched(size, dtype)
+            self._scratch = _parallel.touched(size, dtype)
         return self._scratch[:size]
 
     def masks(
@@ -583,222 +455,9 @@ def _concatenated_rank(
     return rank
 
 
-def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
-    stride, step = [], 1
-    for size in reversed(tuple(shape)):
-        stride.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(stride))
-
-
-def dense_layout(tensor: Tensor) -> bool:
-    """Whether ``tensor`` fills its storage without gaps: the default layout or a permutation
-    of its dimensions (channels-last)."""
-    if tensor.is_contiguous() or tensor.is_contiguous(memory_format=torch.channels_last):
-        return True
-    dims = sorted((d for d in range(tensor.dim()) if tensor.shape[d] > 1), key=tensor.stride)
-    step = 1
-    for d in dims:
-        if tensor.stride(d) != step:
-            return False
-        step *= tensor.shape[d]
-    return True
-
-
-def storage_offsets(flat: np.ndarray, shape: Sequence[int], stride: Sequence[int]) -> np.ndarray:
-    """Where the entries at ``flat`` (indices in the default row-major order) lie in the
-    storage of a dense tensor of ``shape`` and ``stride`` (e.g. channels-last)."""
-    numel = math.prod(shape)
-    dtype = flat.dtype if flat.dtype == np.int32 else np.int64
-    if flat.size * 8 > numel:  # many: read them off the map of every position
-        every = torch.arange(numel, dtype=torch.int32 if dtype == np.int32 else torch.int64)
-        table = every.as_strided(tuple(shape), tuple(stride)).reshape(-1).numpy()
-        return np.take(table, flat)
-    offsets = np.zeros(flat.shape, dtype=np.int64)
-    for coord, step in zip(np.unravel_index(flat, tuple(shape)), stride, strict=True):
-        offsets += coord.astype(np.int64) * step
-    return offsets.astype(dtype)
-
-
-def flat_indices(positions: np.ndarray, shape: Sequence[int], stride: Sequence[int]) -> np.ndarray:
-    """The inverse of :func:`storage_offsets`: the flat indices (default row-major order) of
-    the entries at ``positions`` in the storage of a dense tensor of ``shape`` and ``stride``."""
-    shape, stride = tuple(shape), tuple(stride)
-    steps = _contiguous_stride(shape)
-    if stride == steps:
-        return positions
-    dims = sorted((d for d in range(len(shape)) if shape[d] > 1), key=lambda d: -stride[d])
-    out = np.empty(positions.shape, dtype=positions.dtype)
-    _kernels.flat_indices(
-        positions,
-        np.array([stride[d] for d in dims], dtype=np.int64),
-        np.array([steps[d] for d in dims], dtype=np.int64),
-        out,
-    )
-    return out
-
-
-def _index_dtype(size: int) -> type:
-    """int32 positions where they fit: half the memory traffic of int64."""
-    return np.int32 if size < 2**31 else np.int64
-
-
-def select(
-    scores: Mapping[str, Tensor],
-    density: float | Mapping[str, float],
-    scope: str = "global",
-    current: Masks | None = None,
-    min_per_layer: int = 0,
-) -> Masks:
-    """Keep the highest-scoring weights: the top ``round(density * n)`` of them.
-
-    Args:
-        scores: parameter name -> scores (higher = keep), any float dtype.
-        density: the fraction of all weights to keep, in [0, 1] (relative to the whole tensor
-            or model, not to the weights still alive); or a mapping name -> density, which
-            implies per-layer selection (e.g. to give a random mask the per-layer densities of
-            another mask).
-        scope: ``"global"`` (one threshold across all tensors) or ``"layer"`` (each tensor
-            keeps its own fraction).
-        current: weights already pruned stay pruned (iterative pruning). ``ValueError`` if the
-            density asks for more weights than are alive.
-        min_per_layer: keep at least this many weights in every tensor (a guard against layer
-            collapse); they count towards the total.
-
-    The masks are on the devices of the scores. Ties are broken by position: the first tensor
-    first, then the flat index. NaN and -inf scores rank below every finite score.
-    """
-    survivors = Survivors({n: _factors(scores, n)[0].shape for n in scores}, current)
-    keep = survivors.choose(scores, density, scope=scope, min_per_layer=min_per_layer)
-    devices = {n: _factors(scores, n)[0].device for n in scores}
-    return survivors.masks(devices, keep)
-
-
 def _check_alive(k: int, alive: int, what: str) -> None:
     if k > alive:
         raise ValueError(
             f"cannot keep {k} weights of {what}: only {alive} are still alive (a density above "
             "the current mask's)"
         )
-
-
-def exponential_densities(density: float, rounds: int) -> list[float]:
-    """The densities d^(k/n) for k = 1..n (SynFlow's schedule; the last one is d)."""
-    check_density(density)
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
-    return [density ** (k / rounds) for k in range(1, rounds + 1)]
-
-
-GROUPS = ("filter", "neuron", "channel")
-"""Structured groups: ``filter`` / ``neuron`` = an output unit (dim 0 of the weight: a conv
-filter, a row of a Linear weight); ``channel`` = an input unit (dim 1: an input channel of a
-conv, a column of a Linear weight). ``(rows, cols)`` blocks are also accepted."""
-
-
-def group_view(weight_like: Tensor, group: str | tuple[int, int]) -> Tensor:
-    """``weight_like`` as (groups, members): one row per structured group (see :data:`GROUPS`).
-
-    A block group ``(r, c)`` tiles the weight viewed as (out, in·kernel) with r x c blocks
-    (both sizes must divide it).
-    """
-    matrix = weight_like.reshape(weight_like.shape[0], -1)
-    if group in ("filter", "neuron"):
-        return matrix
-    if group == "channel":
-        if weight_like.dim() < 2:
-            raise ValueError("a 1-D tensor has no input channels")
-        return weight_like.transpose(0, 1).reshape(weight_like.shape[1], -1)
-    if isinstance(group, tuple) and len(group) == 2:
-        r, c = group
-        rows, cols = matrix.shape
-        if r < 1 or c < 1 or rows % r or cols % c:
-            raise ValueError(f"block {group} does not tile a {rows}x{cols} weight")
-        return matrix.reshape(rows // r, r, cols // c, c).permute(0, 2, 1, 3).reshape(-1, r * c)
-    raise ValueError(f"unknown group {group!r}; choose one of {GROUPS} or (rows, cols)")
-
-
-def _ungroup(values: Tensor, like: Tensor, group: str | tuple[int, int]) -> Tensor:
-    """Inverse of :func:`group_view` for a (groups, members) tensor."""
-    if group in ("filter", "neuron"):
-        return values.reshape(like.shape)
-    if group == "channel":
-        shape = (like.shape[1], like.shape[0], *like.shape[2:])
-        return values.reshape(shape).transpose(0, 1).reshape(like.shape)
-    r, c = group
-    rows, cols = like.shape[0], like.numel() // like.shape[0]
-    blocks = values.reshape(rows // r, cols // c, r, c).permute(0, 2, 1, 3)
-    return blocks.reshape(like.shape)
-
-
-def select_groups(
-    scores: Mapping[str, Tensor],
-    density: float,
-    group: str | tuple[int, int] = "filter",
-    scope: str = "layer",
-    reduce: str = "mean",
-    exclude: tuple[str, ...] = (),
-) -> Masks:
-    """Structured selection: keep or remove whole groups (filters, channels, neurons, blocks).
-
-    Each group's score is the ``reduce`` ("mean", "sum", "l2" = root of the sum of squares,
-    "max") of its members' scores: with magnitude scores, "sum" is the L1 norm of a filter
-    (Li et al. 2017) and "l2" its L2 norm. ``scope="layer"`` keeps round(``density`` · groups)
-    groups of every tensor; ``"global"`` ranks all groups by score and keeps the best until
-    ``density`` of all the weights are kept (use "mean" so groups of different sizes compare).
-    Tensors named in ``exclude`` (typically the output layer) are kept whole. ``density`` is
-    the fraction kept.
-    """
-    check_density(density)
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
-    reducers = {
-        "mean": lambda g: g.mean(1),
-        "sum": lambda g: g.sum(1),
-        "l2": lambda g: g.pow(2).sum(1).sqrt(),
-        "max": lambda g: g.amax(1),
-    }
-    if reduce not in reducers:
-        raise ValueError(f"unknown reduce {reduce!r}; choose one of {sorted(reducers)}")
-    unknown = set(exclude) - set(scores)
-    if unknown:
-        raise ValueError(f"cannot exclude unknown tensors {sorted(unknown)}")
-    grouped = {
-        n: reducers[reduce](group_view(s.detach().double(), group))
-        for n, s in scores.items()
-        if n not in exclude
-    }
-    if not grouped:
-        raise ValueError("every tensor is excluded: nothing to select from")
-    keep: dict[str, Tensor] = {}
-    if scope == "layer":
-        for name, values in grouped.items():
-            k = round(density * len(values))
-            chosen = torch.zeros(len(values), dtype=torch.bool, device=values.device)
-            chosen[torch.argsort(values, descending=True, stable=True)[:k]] = True
-            keep[name] = chosen
-    else:
-        names = list(grouped)
-        values = torch.cat([grouped[n].cpu() for n in names])
-        sizes = torch.cat(
-            [torch.full((len(grouped[n]),), scores[n].numel() // len(grouped[n])) for n in names]
-        )
-        order = torch.argsort(values, descending=True, stable=True)
-        target = density * sum(scores[n].numel() for n in names)
-        count = int(torch.searchsorted(sizes[order].cumsum(0).double(), target - 0.5)) + 1
-        count = min(count, len(values)) if target > 0 else 0
-        chosen = torch.zeros(len(values), dtype=torch.bool)
-        chosen[order[:count]] = True
-        start = 0
-        for name in names:
-            size = len(grouped[name])
-            keep[name] = chosen[start : start + size].to(grouped[name].device)
-            start += size
-    out = {}
-    for name, s in scores.items():
-        if name in exclude:
-            out[name] = torch.ones_like(s, dtype=torch.bool)
-            continue
-        members = group_view(s, group).shape[1]
-        out[name] = _ungroup(keep[name].unsqueeze(1).expand(-1, members), s, group).contiguous()
-    return Masks(out)

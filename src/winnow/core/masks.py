@@ -14,17 +14,15 @@ Enforcement during training lives in :mod:`winnow.enforcement`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from winnow.io import WinnowFileError, read_container, write_container
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -36,10 +34,9 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
 """Module types whose ``weight`` is prunable by default."""
 
 FILE_FORMAT = "winnow.masks"
-FILE_VERSION = 1
 
 
-class MaskFileError(ValueError):
+class MaskFileError(WinnowFileError):
     """A mask file is truncated, corrupted, or not a winnow mask file."""
 
 
@@ -298,138 +295,41 @@ class Masks(Mapping[str, Tensor]):
 
     # -- files -------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the masks to ``path`` (safetensors; bits packed 8 per byte; JSON metadata).
+        """Write the masks to ``path``: a ``winnow.masks`` container (safetensors; bits packed
+        8 per byte; each mask's shape and a checksum over shape and bits in the JSON header).
 
-        The metadata records each mask's shape and a SHA-256 checksum of the packed bits. The
-        file is written to a temporary name and renamed, so a crash never leaves half a file.
+        The file is written to a temporary name and renamed, so a crash never leaves half a
+        file; the same masks always give the same bytes.
         """
-        from safetensors.numpy import save
-
-        arrays, entries = {}, {}
+        entries, arrays = {}, {}
         for name, mask in self.items():
-            packed = np.packbits(mask.cpu().numpy().reshape(-1))
-            arrays[name] = packed
-            entries[name] = {
-                "shape": list(mask.shape),
-                "sha256": hashlib.sha256(packed.tobytes()).hexdigest(),
-            }
-        header = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "order": list(self),
-            "masks": entries,
-        }
-        data = save(arrays, metadata={"winnow": json.dumps(header)})
-        atomic_write_bytes(Path(path), data)
+            arrays[name] = torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1)))
+            entries[name] = {"shape": list(mask.shape)}
+        write_container(path, FILE_FORMAT, entries, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> Masks:
-        """Read masks written by :meth:`save`; never unpickles.
+        """Read masks written by :meth:`save` (or by winnow 0.1); never unpickles.
 
         Raises :class:`MaskFileError` (a ``ValueError``) naming the problem for a truncated or
         corrupted file, a checksum mismatch, or a file that is not a winnow mask file.
         """
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no mask file at {path}")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                metadata = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise MaskFileError(f"{path}: not a readable safetensors file ({err})") from None
-        order, entries = _parse_header(metadata, path)
-        if set(order) != set(arrays):
-            raise MaskFileError(f"{path}: the tensors do not match the metadata")
+        container = read_container(path, FILE_FORMAT, error=MaskFileError, what="winnow mask file")
         masks = {}
-        for name in order:
-            packed, (shape, checksum) = arrays[name], entries[name]
-            if hashlib.sha256(packed.tobytes()).hexdigest() != checksum:
-                raise MaskFileError(f"{path}: checksum mismatch for mask {name!r} (corrupted)")
+        for name in container.order:
+            shape = container.entries[name].get("shape")
+            if not isinstance(shape, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 48 for s in shape
+            ):
+                raise MaskFileError(f"{container.path}: invalid shape for mask {name!r}")
             count = math.prod(shape)
-            if packed.dtype != np.uint8 or packed.size != (count + 7) // 8:
-                raise MaskFileError(f"{path}: mask {name!r} does not hold {shape} bits")
-            bits = np.unpackbits(packed, count=count).astype(bool).reshape(shape)
+            packed = container.arrays.get(name)
+            if container.keys_of(name) != [name] or packed.dtype != torch.uint8 or (
+                packed.dim() != 1 or packed.numel() != (count + 7) // 8
+            ):
+                raise MaskFileError(
+                    f"{container.path}: mask {name!r} does not hold {tuple(shape)} bits"
+                )
+            bits = np.unpackbits(packed.numpy(), count=count).astype(bool).reshape(shape)
             masks[name] = torch.from_numpy(bits).to(device)
         return cls(masks)
-
-
-def read_header_table(
-    metadata: Mapping[str, str],
-    path: Path,
-    file_format: str,
-    max_version: int,
-    table: str,
-    kind: str,
-    invalid: Exception,
-) -> tuple[list[str], dict[str, Any]]:
-    """The ``order`` of names and the ``table`` of per-tensor entries of a winnow file's JSON
-    metadata (key ``"winnow"``), after checking its format and version.
-
-    Raises ``invalid`` for anything malformed (unreadable or deeply nested JSON, another
-    format, a non-integer version, names that are not unique strings matching the table), and
-    an error of the same type naming both versions for a file newer than ``max_version``.
-    """
-    try:
-        header = json.loads(metadata["winnow"])
-    except (KeyError, TypeError, ValueError, RecursionError):
-        raise invalid from None
-    if not isinstance(header, dict) or header.get("format") != file_format:
-        raise invalid
-    version = header.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise invalid
-    if version > max_version:
-        raise type(invalid)(
-            f"{path}: {kind} version {version} is newer than this winnow supports ({max_version})"
-        )
-    order, entries = header.get("order"), header.get(table)
-    if (
-        not isinstance(order, list)
-        or not all(isinstance(n, str) for n in order)
-        or not isinstance(entries, dict)
-        or len(set(order)) != len(order)
-        or set(order) != set(entries)
-    ):
-        raise invalid
-    return order, entries
-
-
-def _parse_header(
-    metadata: Mapping[str, str], path: Path
-) -> tuple[list[str], dict[str, tuple[tuple[int, ...], str]]]:
-    """Validate a mask file's JSON metadata: the order of names, each shape and checksum."""
-    invalid = MaskFileError(f"{path}: not a winnow mask file (missing or invalid metadata)")
-    order, raw = read_header_table(
-        metadata, path, FILE_FORMAT, FILE_VERSION, "masks", "mask file", invalid
-    )
-    entries = {}
-    for name in order:
-        entry = raw[name]
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        checksum = entry.get("sha256") if isinstance(entry, dict) else None
-        if (
-            not isinstance(shape, list)
-            or not all(isinstance(s, int) and s >= 0 for s in shape)
-            or not isinstance(checksum, str)
-        ):
-            raise MaskFileError(f"{path}: invalid metadata for mask {name!r}")
-        entries[name] = (tuple(shape), checksum)
-    return order, entries
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

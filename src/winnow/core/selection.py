@@ -1,0 +1,54 @@
+"""Selection: from scores to masks (how many weights to keep, and where).
+
+:func:`select` takes *density* (the fraction kept, in [0, 1]) and returns
+:class:`~winnow.core.masks.Masks`. Scores follow winnow's convention: higher = more important =
+kept. It keeps the top-k scores globally (one threshold for the whole model) or per layer (the
+same density in every tensor, or a density per tensor), among the weights still alive in
+``current``; ties are broken by position, so the result has exactly k weights and is
+deterministic. A guard keeps at least ``min_per_layer`` weights in every tensor.
+
+The work is done by the private engine :mod:`winnow.core._topk` (exact top-k among the alive
+weights without sorting, in compiled passes); iterative pruning keeps one of its
+``Survivors`` from round to round (:class:`winnow.schedules.Pruner`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from winnow.core._topk import Survivors
+from winnow.core.masks import Masks
+from winnow.core.scores import factors
+
+
+def select(
+    scores: Mapping[str, Tensor],
+    density: float | Mapping[str, float],
+    scope: str = "global",
+    current: Masks | None = None,
+    min_per_layer: int = 0,
+) -> Masks:
+    """Keep the highest-scoring weights: the top ``round(density * n)`` of them.
+
+    Args:
+        scores: parameter name -> scores (higher = keep), any float dtype.
+        density: the fraction of all weights to keep, in [0, 1] (relative to the whole tensor
+            or model, not to the weights still alive); or a mapping name -> density, which
+            implies per-layer selection (e.g. to give a random mask the per-layer densities of
+            another mask).
+        scope: ``"global"`` (one threshold across all tensors) or ``"layer"`` (each tensor
+            keeps its own fraction).
+        current: weights already pruned stay pruned (iterative pruning). ``ValueError`` if the
+            density asks for more weights than are alive.
+        min_per_layer: keep at least this many weights in every tensor (a guard against layer
+            collapse); they count towards the total.
+
+    The masks are on the devices of the scores. Ties are broken by position: the first tensor
+    first, then the flat index. NaN and -inf scores rank below every finite score.
+    """
+    survivors = Survivors({n: factors(scores, n)[0].shape for n in scores}, current)
+    keep = survivors.choose(scores, density, scope=scope, min_per_layer=min_per_layer)
+    devices = {n: factors(scores, n)[0].device for n in scores}
+    return survivors.masks(devices, keep)
