@@ -50,8 +50,10 @@ def main() -> None:
         f"import winnow after torch:  median {statistics.median(winnow_s):.3f} s "
         f"({min(winnow_s):.3f}-{max(winnow_s):.3f})"
     )
-    print(f"winnow modules loaded: {len(last['modules'])}; heavy packages loaded: "
-          f"{', '.join(last['heavy']) or 'none'}")
+    print(
+        f"winnow modules loaded: {len(last['modules'])}; heavy packages loaded: "
+        f"{', '.join(last['heavy']) or 'none'}"
+    )
 
 
 if __name__ == "__main__":

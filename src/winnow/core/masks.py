@@ -324,8 +324,10 @@ class Masks(Mapping[str, Tensor]):
                 raise MaskFileError(f"{container.path}: invalid shape for mask {name!r}")
             count = math.prod(shape)
             packed = container.arrays.get(name)
-            if container.keys_of(name) != [name] or packed.dtype != torch.uint8 or (
-                packed.dim() != 1 or packed.numel() != (count + 7) // 8
+            if (
+                container.keys_of(name) != [name]
+                or packed.dtype != torch.uint8
+                or (packed.dim() != 1 or packed.numel() != (count + 7) // 8)
             ):
                 raise MaskFileError(
                     f"{container.path}: mask {name!r} does not hold {tuple(shape)} bits"

@@ -99,8 +99,9 @@ def _entry_digest(entry: Mapping[str, Any], arrays: Mapping[str, Tensor]) -> str
 
 
 def _header_digest(header: Mapping[str, Any]) -> str:
-    return hashlib.sha256(dumps({k: v for k, v in header.items() if k != "sha256"}).encode())\
-        .hexdigest()
+    return hashlib.sha256(
+        dumps({k: v for k, v in header.items() if k != "sha256"}).encode()
+    ).hexdigest()
 
 
 def _bytes(array: Tensor) -> memoryview:

@@ -36,8 +36,10 @@ def save_tensors(
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name!r} is a {type(tensor).__name__}, not a tensor")
         arrays[name] = tensor
-        entries[name] = {"dtype": str(tensor.dtype).removeprefix("torch."),
-                         "shape": list(tensor.shape)}
+        entries[name] = {
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "shape": list(tensor.shape),
+        }
     return write_container(path, KIND, entries, arrays, to_json(dict(metadata or {}), "metadata"))
 
 
