@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import winnow
-from winnow.criteria.fisher import obs_prune
+from winnow.schedules import obs_prune
 from winnow.experiments.report import write_table
 from winnow.regularizers import L0HardConcrete
 from winnow.schedules import GradualPruner

@@ -145,7 +145,7 @@ def during_training_cases() -> dict[str, torch.Tensor]:
 
 def obs_cases() -> dict[str, torch.Tensor]:
     """WoodFisher pruning with the OBS update of the remaining weights."""
-    from winnow.criteria import obs_prune
+    from winnow.schedules import obs_prune
 
     data = _data()
     model = _mlp()

@@ -14,14 +14,14 @@ from winnow import criteria
 from winnow.core.groups import select_groups
 from winnow.core.masks import Masks, prunable_parameters
 from winnow.criteria.fisher import (
+    WoodFisherOptions,
     fisher_inverse_blocks,
-    obs_prune,
     obs_update,
     per_sample_gradients,
     woodfisher_inverses,
 )
 from winnow.neurons import fold_constant_neurons, linear_chains, merge_neurons
-from winnow.schedules import DenseSparseDense, GradualPruner, polynomial_sparsity
+from winnow.schedules import DenseSparseDense, GradualPruner, obs_prune, polynomial_sparsity
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,9 @@ def test_per_sample_gradients_and_woodfisher_inverse_on_a_model(trained, data):
     reference = _loop_gradients(trained, list(params.values()), x, y)
     flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
     torch.testing.assert_close(flat, reference)
-    inverses = woodfisher_inverses(trained, (x, y), samples=20, block_size=6, damp=1e-3, chunk=8)
+    inverses = woodfisher_inverses(
+        trained, (x, y), options=WoodFisherOptions(samples=20, block_size=6, damp=1e-3, chunk=8)
+    )
     first = reference[:, :6].double()
     fisher = first.T @ first / 20 + 1e-3 * torch.eye(6, dtype=torch.float64)
     torch.testing.assert_close(inverses["layers.1.weight"][0], torch.linalg.inv(fisher))
@@ -124,7 +126,9 @@ def test_obs_prune_compensates_and_leaves_the_model_alone(trained, data):
     loss = winnow.evaluate(pruned, x, y)[0]
     assert loss < winnow.evaluate(plain, x, y)[0], "the OBS update should lower the loss"
     with pytest.raises(ValueError, match="MiB"):
-        woodfisher_inverses(trained, data, block_size=12, max_memory=100)
+        woodfisher_inverses(
+            trained, data, options=WoodFisherOptions(block_size=12), max_memory=100
+        )
 
 
 # -- Taylor, groups, neurons ------------------------------------------------------------------
@@ -234,8 +238,8 @@ def test_gradual_sparsity_rises_along_the_schedule(data):
     seen = []
 
     class Recorder(GradualPruner):
-        def __call__(self, iteration, model):
-            masks = super().__call__(iteration, model)
+        def step(self, iteration, model):
+            masks = super().step(iteration, model)
             if masks is not None:
                 seen.append((iteration, masks.sparsity()))
             return masks

@@ -324,7 +324,7 @@ def test_zeroing_the_pruned_weights_in_any_layout(dtype, positions_layout):
     import numpy as np
 
     from winnow.core._layout import storage_offsets
-    from winnow.schedules.at_init import _zero
+    from winnow.core._topk import zero_removed as _zero
 
     gen = torch.Generator().manual_seed(0)
     conv = torch.randn(6, 4, 3, 3, generator=gen).to(dtype)

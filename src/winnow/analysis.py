@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from winnow.core.masks import Masks, prunable_parameters
-from winnow.criteria.data import DataSource, model_device, sample_batches, set_bn_mode
-from winnow.criteria.snip import loss_gradient
+from winnow.criteria.losses import loss_gradient
+from winnow.criteria.sampling import DataSource, model_device, sample_batches, set_bn_mode
 
 
 def gradient_norm(

@@ -225,9 +225,11 @@ def train(
             f"the pruning schedule ends at iteration {pruner.end}, after the {total} of training"
         )
 
+    prune_step = getattr(pruner, "step", pruner)  # a Pruner, or a function (iteration, model)
+
     def prune(iteration: int) -> None:
         nonlocal enforcer
-        new = pruner(iteration, model)
+        new = prune_step(iteration, model)
         if new is None:
             return
         if enforcer is None:

@@ -20,17 +20,17 @@ Per-sample gradients come from one backward pass per sample, with the model in e
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from winnow.core.masks import Masks, prunable_parameters
-from winnow.core.selection import select
-from winnow.criteria._registry import register
-from winnow.criteria.data import model_device, sample_batches
+from winnow.core.masks import prunable_parameters
+from winnow.criteria.options import Checked
+from winnow.criteria.registry import register
+from winnow.criteria.sampling import model_device, sample_batches
 
 
 def per_sample_gradients(
@@ -74,20 +74,25 @@ def _batches(model: nn.Module, data, samples: int, chunk: int, seed: int):
     return batches, sum(len(y) for _, y in batches)
 
 
-@register("obd", needs_data=True)
+@dataclass(frozen=True)
+class ObdOptions(Checked):
+    """``samples`` training examples drawn with ``seed``, moved to the device ``chunk`` at a
+    time (one backward pass per sample either way)."""
+
+    samples: int = 1000
+    chunk: int = 100
+    seed: int = 0
+
+
+@register("obd", ObdOptions, needs_data=True)
 def obd(
-    work: nn.Module,
-    params: dict[str, nn.Parameter],
-    data,
-    samples: int = 1000,
-    chunk: int = 100,
-    seed: int = 0,
+    work: nn.Module, params: dict[str, nn.Parameter], data, options: ObdOptions, state=None
 ) -> dict[str, Tensor]:
     """OBD (LeCun et al. 1990): θ² · diag(F) / 2 with the diagonal empirical Fisher
     Fᵢᵢ = (1/N) Σⱼ (∂ℓⱼ/∂θᵢ)² over ``samples`` training examples (one backward pass per
     sample, in eval mode; ``chunk`` only sets how many are moved to the device at once)."""
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    batches, count = _batches(work, data, samples, chunk, seed)
+    batches, count = _batches(work, data, options.samples, options.chunk, options.seed)
     work.eval()
     tensors = list(params.values())
     for x, y in batches:
@@ -177,21 +182,35 @@ def fisher_inverse_blocks(
     return accumulator.result()
 
 
-def _padded(t: Tensor, block_size: int) -> Tensor:
+def padded(t: Tensor, block_size: int) -> Tensor:
     """(n, *shape) -> (n, P) flattened and zero-padded to a multiple of ``block_size``."""
     flat = t.reshape(t.shape[0], -1)
     return nn.functional.pad(flat, (0, (-flat.shape[1]) % block_size))
+
+
+@dataclass(frozen=True)
+class WoodFisherOptions(Checked):
+    """``samples`` training examples drawn with ``seed`` (``chunk`` per-sample gradients at a
+    time); the inverse is block-diagonal with blocks of ``block_size`` weights, damped by
+    ``damp`` (λ in F + λI)."""
+
+    samples: int = 1000
+    block_size: int = 128
+    damp: float = 1e-5
+    chunk: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.damp > 0:
+            raise ValueError(f"WoodFisherOptions.damp must be > 0, got {self.damp!r}")
 
 
 def woodfisher_inverses(
     model: nn.Module,
     data,
     names: list[str] | None = None,
-    samples: int = 1000,
-    block_size: int = 128,
-    damp: float = 1e-5,
-    chunk: int = 100,
-    seed: int = 0,
+    options: WoodFisherOptions | None = None,
     dtype: torch.dtype = torch.float64,
     max_memory: int = 4 << 30,
 ) -> dict[str, Tensor]:
@@ -200,9 +219,10 @@ def woodfisher_inverses(
     Raises ``ValueError`` before allocating anything if the inverse would take more than
     ``max_memory`` bytes (see :func:`woodfisher_memory`: blocks × B² × dtype size).
     """
+    options = options or WoodFisherOptions()
     params = prunable_parameters(model, names)
-    if block_size < 1 or damp <= 0:
-        raise ValueError(f"need block_size >= 1 and damp > 0, got {block_size}, {damp}")
+    samples, block_size, damp = options.samples, options.block_size, options.damp
+    chunk, seed = options.chunk, options.seed
     need = woodfisher_memory([p.numel() for p in params.values()], block_size, dtype)
     if need > max_memory:
         raise ValueError(
@@ -215,7 +235,7 @@ def woodfisher_inverses(
     inverses = {name: _BlockInverse(block_size, damp, count, dtype) for name in params}
     for grads in _gradient_chunks(model, list(params), batches):
         for name, accumulator in inverses.items():
-            accumulator.add(_padded(grads[name], block_size))
+            accumulator.add(padded(grads[name], block_size))
     return {name: accumulator.result() for name, accumulator in inverses.items()}
 
 
@@ -224,21 +244,28 @@ def _diagonal(inverse: Tensor, shape: torch.Size) -> Tensor:
     return inverse.diagonal(dim1=1, dim2=2).reshape(-1)[:numel].reshape(shape)
 
 
-@register("woodfisher", needs_data=True)
+@dataclass
+class WoodFisherState:
+    """What WoodFisher leaves for an update rule: the block-diagonal inverses it scored with
+    (one (blocks, B, B) tensor per parameter), from its last call."""
+
+    inverses: dict[str, Tensor] | None = None
+
+
+@register("woodfisher", WoodFisherOptions, needs_data=True, state=WoodFisherState)
 def woodfisher(
     work: nn.Module,
     params: dict[str, nn.Parameter],
     data,
-    samples: int = 1000,
-    block_size: int = 128,
-    damp: float = 1e-5,
-    chunk: int = 100,
-    seed: int = 0,
+    options: WoodFisherOptions,
+    state: WoodFisherState | None = None,
 ) -> dict[str, Tensor]:
     """OBS / WoodFisher scores ρᵢ = θᵢ² / (2 [F⁻¹]ᵢᵢ) with the block-diagonal inverse of the
-    damped empirical Fisher (Singh & Alistarh 2020). Scores only: :func:`obs_prune` also
-    applies the optimal update to the remaining weights."""
-    inverses = woodfisher_inverses(work, data, list(params), samples, block_size, damp, chunk, seed)
+    damped empirical Fisher (Singh & Alistarh 2020). Scores only: with the update rule of
+    :func:`winnow.schedules.obs_prune` the remaining weights also move optimally."""
+    inverses = woodfisher_inverses(work, data, list(params), options)
+    if state is not None:
+        state.inverses = inverses
     return obs_scores(params, inverses)
 
 
@@ -265,56 +292,3 @@ def obs_update(theta: Tensor, inverse: Tensor, removed: Tensor) -> Tensor:
     new = theta - h_q @ step
     new[removed] = 0.0
     return new
-
-
-def obs_prune(
-    model: nn.Module,
-    density: float,
-    data,
-    scope: str = "global",
-    masks: Masks | None = None,
-    samples: int = 1000,
-    block_size: int = 128,
-    damp: float = 1e-5,
-    chunk: int = 100,
-    seed: int = 0,
-) -> tuple[nn.Module, Masks]:
-    """WoodFisher pruning with the OBS update (Singh & Alistarh 2020; Hassibi & Stork 1992).
-
-    Scores the prunable weights by ρ = θ² / (2 [F⁻¹]ᵢᵢ), keeps the top ``density`` (a
-    fraction kept; ``scope`` "global" or "layer"; weights pruned in ``masks`` stay pruned),
-    and, in every block of the Fisher inverse, removes the pruned weights jointly with
-    δθ = −F⁻¹[:, Q] ([F⁻¹]_QQ)⁻¹ θ_Q so the remaining weights compensate. Returns a pruned
-    copy of ``model`` (pruned weights exactly 0.0) and its masks; ``model`` is not changed.
-    """
-    work = copy.deepcopy(model)
-    params = prunable_parameters(work, list(masks) if masks is not None else None)
-    if masks is not None:
-        masks.apply(work)
-    inverses = woodfisher_inverses(work, data, list(params), samples, block_size, damp, chunk, seed)
-    scores = obs_scores(params, inverses)
-    if masks is not None:
-        scores = {n: s.masked_fill(~masks[n], 0.0) for n, s in scores.items()}
-    kept = select(scores, density, scope, current=masks)
-    with torch.no_grad():
-        _apply_obs(params, kept, inverses, block_size)
-    kept.apply(work)
-    return work, kept
-
-
-def _apply_obs(
-    params: dict[str, nn.Parameter], kept: Masks, inverses: dict[str, Tensor], block_size: int
-) -> None:
-    """In every block, remove the weights ``kept`` prunes jointly, updating the others."""
-    for name, param in params.items():
-        theta = _padded(param.detach().reshape(1, -1), block_size).to(torch.float64)
-        theta = theta.reshape(-1, block_size)
-        keep = _padded(kept[name].reshape(1, -1).to(torch.uint8), block_size)
-        keep = keep.reshape(-1, block_size).bool()
-        numel = param.numel()
-        real = torch.arange(theta.numel()).reshape(theta.shape) < numel
-        for b in range(theta.shape[0]):
-            removed = torch.nonzero(~keep[b] & real[b]).flatten()
-            if removed.numel():
-                theta[b] = obs_update(theta[b], inverses[name][b], removed)
-        param.copy_(theta.reshape(-1)[:numel].reshape(param.shape).to(param.dtype))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from winnow.criteria._registry import register
-from winnow.criteria.data import model_device, sample_batches, set_bn_mode
-from winnow.criteria.snip import loss_gradient, weighted_losses
+from winnow.criteria.losses import loss_gradient, weighted_losses
+from winnow.criteria.options import Checked
+from winnow.criteria.registry import register
+from winnow.criteria.sampling import model_device, sample_batches, set_bn_mode
 
 
 def hessian_gradient_product(
@@ -39,17 +42,28 @@ def hessian_gradient_product(
     return fixed, hg
 
 
-@register("grasp", needs_data=True)
+@dataclass(frozen=True)
+class GraspOptions(Checked):
+    """``samples_per_class`` examples of each class (class-balanced, as the reference code),
+    or ``samples`` drawn without balancing; ``temperature`` divides the logits for g;
+    ``batch_size``, ``seed`` and ``bn_mode`` as for SNIP."""
+
+    samples_per_class: int = 10
+    samples: int | None = None
+    temperature: float = 200.0
+    batch_size: int | None = None
+    seed: int = 0
+    bn_mode: str = "train"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.temperature > 0:
+            raise ValueError(f"GraspOptions.temperature must be > 0, got {self.temperature!r}")
+
+
+@register("grasp", GraspOptions, needs_data=True)
 def grasp(
-    work: nn.Module,
-    params: dict[str, nn.Parameter],
-    data,
-    samples_per_class: int = 10,
-    samples: int | None = None,
-    temperature: float = 200.0,
-    batch_size: int | None = None,
-    seed: int = 0,
-    bn_mode: str = "train",
+    work: nn.Module, params: dict[str, nn.Parameter], data, options: GraspOptions, state=None
 ) -> dict[str, Tensor]:
     """GraSP (Wang et al. 2020): keep the weights whose removal would reduce ‖g‖ the most.
 
@@ -62,15 +76,15 @@ def grasp(
     ``samples`` drawn without balancing; g uses logits divided by ``temperature`` (200 in the
     paper). BatchNorm uses batch statistics by default (``bn_mode="train"``).
     """
-    set_bn_mode(work, bn_mode)
-    per_class = None if samples is not None else samples_per_class
+    set_bn_mode(work, options.bn_mode)
+    per_class = None if options.samples is not None else options.samples_per_class
     batches = sample_batches(
         data,
-        samples or 0,
-        batch_size,
+        options.samples or 0,
+        options.batch_size,
         per_class=per_class,
-        seed=seed,
+        seed=options.seed,
         device=model_device(work),
     )
-    _, hg = hessian_gradient_product(work, params, batches, temperature)
+    _, hg = hessian_gradient_product(work, params, batches, options.temperature)
     return {n: p.detach() * hg[n] for n, p in params.items()}

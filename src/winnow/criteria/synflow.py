@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from winnow.core.scores import AbsProductScores
-from winnow.criteria._registry import register
-from winnow.criteria.data import DataSource, model_device
+from winnow.criteria.registry import register
+from winnow.criteria.sampling import DataSource, model_device
 from winnow.data import DataSplits
 
 
@@ -25,25 +26,47 @@ def input_shape_of(data: DataSource | None, input_shape) -> tuple[int, ...]:
     raise ValueError("synflow needs the input shape: pass input_shape=(C, H, W) or the data")
 
 
-LINEARISED = "_winnow_synflow_linearised"
-"""Set on a private copy once its state holds absolute values and it is in eval mode
-(iterative SynFlow re-scores the copy; pruning only zeroes weights, which keeps it so)."""
+@dataclass(frozen=True)
+class SynFlowOptions:
+    """``input_shape``: one sample's shape (else read from the data); ``dtype``: float32 or
+    float64 (default: float32, redone in float64 when R leaves float32's range);
+    ``channels_last``: score a channels-last copy (default: on the CPU, for 2-D convolutions)."""
 
-IN_DTYPE = "_winnow_synflow_dtype"
-"""Set on the private copy to the dtype its floating-point state was last converted to."""
+    input_shape: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+    channels_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.input_shape is not None:
+            shape = tuple(self.input_shape)
+            if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+                raise ValueError(f"SynFlowOptions.input_shape must be positive ints, got {shape}")
+            object.__setattr__(self, "input_shape", shape)
+        if self.dtype not in (None, torch.float32, torch.float64):
+            raise ValueError(f"SynFlowOptions.dtype must be float32 or float64, got {self.dtype}")
+
+
+@dataclass
+class SynFlowState:
+    """What SynFlow keeps between the rounds it scores one private copy: whether the copy is
+    linearised (absolute state, eval mode, maybe channels-last: pruning only zeroes weights,
+    which keeps it so) and the dtype its floating-point state was last converted to."""
+
+    linearised: bool = False
+    dtype: torch.dtype | None = None
+
 
 FLOAT32_RANGE = (1e-30, 1e30)
 """R must lie in this range for float32 scoring; outside it SynFlow recomputes in float64."""
 
 
-@register("synflow")
+@register("synflow", SynFlowOptions, state=SynFlowState)
 def synflow(
     work: nn.Module,
     params: dict[str, nn.Parameter],
-    data: DataSource | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    dtype: torch.dtype | None = None,
-    channels_last: bool | None = None,
+    data: DataSource | None,
+    options: SynFlowOptions,
+    state: SynFlowState,
 ) -> AbsProductScores:
     """SynFlow (Tanaka et al. 2020): ``|θ ⊙ ∂R/∂θ|``, data-free.
 
@@ -62,12 +85,13 @@ def synflow(
     faster than the default layout's here (VGG-19, ResNet-20); the scores are the same up to
     float rounding and come in the copy's layout.
 
-    Returns :class:`~winnow.core.selection.AbsProductScores` over θ and ∂R/∂θ: the product is
+    Returns :class:`~winnow.core.scores.AbsProductScores` over θ and ∂R/∂θ: the product is
     formed where the scores are read (selection reads only the weights still alive);
     :func:`winnow.score` returns it formed.
     """
-    shape = input_shape_of(data, input_shape)
-    if not getattr(work, LINEARISED, False):  # |x| is idempotent: once per private copy
+    shape = input_shape_of(data, options.input_shape)
+    dtype, channels_last = options.dtype, options.channels_last
+    if not state.linearised:  # |x| is idempotent: once per private copy
         work.eval()
         with torch.no_grad():
             for tensor in work.state_dict().values():
@@ -79,7 +103,7 @@ def synflow(
             )
         if channels_last:
             work.to(memory_format=torch.channels_last)
-        setattr(work, LINEARISED, True)
+        state.linearised = True
     current = next(iter(params.values())).dtype
     if dtype is not None:
         candidates = [dtype]
@@ -88,11 +112,11 @@ def synflow(
     else:
         candidates = [torch.float32, torch.float64]
     for candidate in candidates:
-        if getattr(work, IN_DTYPE, None) != candidate:  # checked once per dtype, not per round
-            state = itertools.chain(work.parameters(), work.buffers())
-            if any(t.is_floating_point() and t.dtype != candidate for t in state):
+        if state.dtype != candidate:  # checked once per dtype, not per round
+            tensors = itertools.chain(work.parameters(), work.buffers())
+            if any(t.is_floating_point() and t.dtype != candidate for t in tensors):
                 work.to(candidate)
-            setattr(work, IN_DTYPE, candidate)
+            state.dtype = candidate
         ones = torch.ones((1, *shape), dtype=candidate, device=model_device(work))
         flow = work(ones).sum()
         value = float(flow.detach())

@@ -9,22 +9,30 @@ inference", ICLR; 2019, "Importance estimation for neural network pruning", CVPR
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from winnow.criteria._registry import register
-from winnow.criteria.data import model_device, sample_batches, set_bn_mode
+from winnow.criteria.options import Checked
+from winnow.criteria.registry import register
+from winnow.criteria.sampling import model_device, sample_batches, set_bn_mode
 
 
-@register("taylor", needs_data=True)
+@dataclass(frozen=True)
+class TaylorOptions(Checked):
+    """``samples`` training examples in batches of ``batch_size``, drawn with ``seed``;
+    BatchNorm in ``bn_mode`` (eval by default: see :func:`taylor`)."""
+
+    samples: int = 1000
+    batch_size: int = 100
+    seed: int = 0
+    bn_mode: str = "eval"
+
+
+@register("taylor", TaylorOptions, needs_data=True)
 def taylor(
-    work: nn.Module,
-    params: dict[str, nn.Parameter],
-    data,
-    samples: int = 1000,
-    batch_size: int = 100,
-    seed: int = 0,
-    bn_mode: str = "eval",
+    work: nn.Module, params: dict[str, nn.Parameter], data, options: TaylorOptions, state=None
 ) -> dict[str, Tensor]:
     """Σ_batches |∂L/∂α_c| for the output unit c of each prunable weight, broadcast to the
     weights of that unit (every weight of a filter or neuron gets its unit's score), so that
@@ -33,7 +41,7 @@ def taylor(
     BatchNorm runs in eval mode by default: in train mode it normalises away any scale of its
     input, so a gate in front of it would always get a zero gradient.
     """
-    set_bn_mode(work, bn_mode)
+    set_bn_mode(work, options.bn_mode)
     owners = {}
     for module_name, module in work.named_modules():
         for name, _ in module.named_parameters(recurse=False):
@@ -58,7 +66,10 @@ def taylor(
     importance = {n: torch.zeros_like(g, dtype=torch.float64) for n, g in gates.items()}
     try:
         device = model_device(work)
-        for x, y in sample_batches(data, samples, batch_size, seed=seed, device=device):
+        batches = sample_batches(
+            data, options.samples, options.batch_size, seed=options.seed, device=device
+        )
+        for x, y in batches:
             loss = nn.functional.cross_entropy(work(x), y)
             grads = torch.autograd.grad(loss, list(gates.values()))
             for name, g in zip(gates, grads, strict=True):

@@ -14,7 +14,6 @@ the plots from the store alone.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import winnow
 from winnow.analysis import gradient_norm, shuffle_within_layers
 from winnow.core.densities import check_density
 from winnow.core.masks import Masks
-from winnow.criteria import REGISTRY
+from winnow.criteria import lookup
 from winnow.criteria import available as available_criteria
 from winnow.experiments.common import load_data
 from winnow.experiments.report import aggregate, bar_plot, line_plot, write_table
@@ -129,7 +128,7 @@ def execute(run: Run) -> None:
                 data,
                 rounds=config.rounds,
                 scope=config.scope,
-                **_seed_option(config.method, config.seed),
+                **({"seed": config.seed} if lookup(config.method).takes_seed() else {}),
             )
             masks.save(run.path("masks.safetensors"))
         run.record(
@@ -238,9 +237,3 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
             title="Fraction kept per layer",
         )
     return paths
-
-
-def _seed_option(method: str, seed: int) -> dict:
-    """``{"seed": seed}`` for criteria that draw randomly (random scores, data samples)."""
-    implementation = REGISTRY[method].implementation
-    return {"seed": seed} if "seed" in inspect.signature(implementation).parameters else {}

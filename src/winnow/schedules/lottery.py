@@ -13,7 +13,6 @@ After R rounds at rate p the density is (1 - p)^R. Round 0 is the dense training
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
@@ -23,7 +22,10 @@ from torch import Tensor, nn
 from winnow.core.densities import check_sparsity
 from winnow.core.masks import Masks, prunable_parameters
 from winnow.core.selection import select
+from winnow.criteria.basic import magnitude_scores
 from winnow.data import DataSplits
+from winnow.schedules.density import PruneRate
+from winnow.schedules.pruner import Pruner
 from winnow.training import TrainConfig, TrainResult, train
 
 State = dict[str, Tensor]
@@ -56,11 +58,6 @@ def lottery_rates(
     return rates
 
 
-def _pruned_count(rate: float, alive: int) -> int:
-    # round half up, so that a rate of 0.5 on 3 weights removes 2 (never a float artefact)
-    return min(alive, int(math.floor(rate * alive + 0.5)))
-
-
 @torch.no_grad()
 def magnitude_prune(
     weights: nn.Module | Mapping[str, Tensor],
@@ -74,40 +71,18 @@ def magnitude_prune(
     them), one number or a mapping name -> rate (per layer, see :func:`lottery_rates`).
     ``scope="layer"`` prunes each tensor by its own rate; ``"global"`` ranks all weights
     together and needs one number. Pruned weights stay pruned; ties are broken by position.
-    ``weights`` is a model or a state_dict holding every tensor named in ``masks``.
+    ``weights`` is a model or a state_dict holding every tensor named in ``masks``. The step
+    a :class:`~winnow.schedules.Pruner` with the magnitude criterion and a
+    :class:`~winnow.schedules.density.PruneRate` schedule takes.
     """
     if isinstance(weights, nn.Module):
         weights = dict(weights.state_dict(keep_vars=False))
     missing = [n for n in masks if n not in weights]
     if missing:
         raise KeyError(f"no weights for the masked tensors {', '.join(missing)}")
-    scores = {n: weights[n].detach().abs() for n in masks}
-    alive = {n: int(torch.count_nonzero(m)) for n, m in masks.items()}
-    if scope == "global":
-        if isinstance(rate, Mapping):
-            raise ValueError("global magnitude pruning takes one rate, not a rate per layer")
-        check_sparsity(rate)
-        total_alive = sum(alive.values())
-        keep = total_alive - _pruned_count(rate, total_alive)
-        return select(scores, keep / masks.numel(), scope="global", current=masks)
-    if scope != "layer":
-        raise ValueError(f"unknown scope {scope!r}; choose 'layer' or 'global'")
-    if isinstance(rate, Mapping):
-        unknown = sorted(set(rate) - set(masks))
-        if unknown or set(masks) - set(rate):
-            raise ValueError(
-                "per-layer rates must name exactly the masked tensors; "
-                f"unknown: {unknown}, missing: {sorted(set(masks) - set(rate))}"
-            )
-        rates = dict(rate)
-    else:
-        rates = dict.fromkeys(masks, rate)
-    densities = {}
-    for name, mask in masks.items():
-        check_sparsity(rates[name])
-        keep = alive[name] - _pruned_count(rates[name], alive[name])
-        densities[name] = keep / mask.numel()
-    return select(scores, densities, scope="layer", current=masks)
+    target = PruneRate(rate, scope).target(0, masks)
+    scores = magnitude_scores({n: weights[n] for n in masks})
+    return select(scores, target.density, scope, current=masks)
 
 
 def _state_copy(model: nn.Module) -> State:
@@ -215,6 +190,7 @@ def iterative_magnitude_pruning(
         rates = lottery_rates(model, rate, conv_rate=rate, output_rate=rate, names=list(masks))
         if scope == "global":
             rates = rate
+    pruner = Pruner("magnitude", PruneRate(rates, scope), scope=scope, masks=masks)
     k = rewind_iteration
     init = _state_copy(model)
     rewind = None if rewind_state is None else dict(rewind_state)
@@ -231,6 +207,6 @@ def iterative_magnitude_pruning(
             trained, result = train_round(
                 model, rewind, masks, data, config, k, device, progress, f"round {r}"
             )
-        next_masks = magnitude_prune(trained, masks, rates, scope)
+        next_masks = pruner.step(r, trained)
         yield LotteryRound(r, masks, result, _state_copy(trained), next_masks, rewind)
         masks = next_masks
