@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 
 import winnow
-from winnow.schedules import obs_prune
 from winnow.experiments.report import write_table
 from winnow.regularizers import L0HardConcrete
-from winnow.schedules import GradualPruner
+from winnow.schedules import GradualPruner, obs_prune
 from winnow.variational import KLPenalty, from_svdo, svdo_layers, to_svdo
 
 

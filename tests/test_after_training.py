@@ -126,9 +126,7 @@ def test_obs_prune_compensates_and_leaves_the_model_alone(trained, data):
     loss = winnow.evaluate(pruned, x, y)[0]
     assert loss < winnow.evaluate(plain, x, y)[0], "the OBS update should lower the loss"
     with pytest.raises(ValueError, match="MiB"):
-        woodfisher_inverses(
-            trained, data, options=WoodFisherOptions(block_size=12), max_memory=100
-        )
+        woodfisher_inverses(trained, data, options=WoodFisherOptions(block_size=12), max_memory=100)
 
 
 # -- Taylor, groups, neurons ------------------------------------------------------------------

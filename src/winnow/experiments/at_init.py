@@ -21,8 +21,8 @@ import winnow
 from winnow.analysis import gradient_norm, shuffle_within_layers
 from winnow.core.densities import check_density
 from winnow.core.masks import Masks
-from winnow.criteria import lookup
 from winnow.criteria import available as available_criteria
+from winnow.criteria import lookup
 from winnow.experiments.common import load_data
 from winnow.experiments.report import aggregate, bar_plot, line_plot, write_table
 from winnow.experiments.runner import run_sweep

@@ -240,9 +240,7 @@ class Phases:
         starts = [int(s) for s, _ in phases]
         if starts != sorted(set(starts)) or starts[0] < 0:
             raise ValueError(f"phase starts must be increasing and >= 0, got {starts}")
-        object.__setattr__(
-            self, "phases", tuple((int(s), check_density(d)) for s, d in phases)
-        )
+        object.__setattr__(self, "phases", tuple((int(s), check_density(d)) for s, d in phases))
 
     def target(self, iteration: int, current: Masks | None) -> Target | None:
         for start, density in self.phases:
