@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -173,6 +173,26 @@ def lr_factor(config: TrainConfig, iteration: int, total: int) -> float:
     return factor
 
 
+class Callback:
+    """Hooks into :func:`train` (override what you need; each default does nothing).
+
+    ``after_step(iteration, model)`` runs after every optimizer step (and after the pruner),
+    with ``iteration`` the number of steps done; ``after_eval(row, model)`` after every
+    evaluation, with the history row just recorded (it may add fields to it).
+    """
+
+    def after_step(self, iteration: int, model: nn.Module) -> None:
+        pass
+
+    def after_eval(self, row: dict, model: nn.Module) -> None:
+        pass
+
+
+Pruning = Callable[[int, nn.Module], "Masks | None"]
+"""A pruner as :func:`train` drives it: a :class:`winnow.schedules.Pruner` (its ``step``) or
+any function ``(iteration, model) -> new masks or None``."""
+
+
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -181,7 +201,10 @@ def train(
     *,
     start_iteration: int = 0,
     regularizer: Callable[[nn.Module], Tensor] | None = None,
-    pruner: Callable[[int, nn.Module], Masks | None] | None = None,
+    pruner: Pruning | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    callbacks: Sequence[Callback] = (),
+    eval_splits: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     description: str = "train",
@@ -195,104 +218,147 @@ def train(
       runs until the config's total iterations.
     - ``regularizer``: a function of the model whose value is added to the loss
       (L1, group lasso, ...).
-    - ``pruner``: pruning during training (gradual, dense-sparse-dense; see
-      :mod:`winnow.schedules`): called as ``pruner(iteration, model)`` before the first step
-      and after every step; new masks it returns are enforced from then on. A pruner with an
-      ``end`` attribute (its last pruning iteration) must end within the budget. The masks in
-      force at the end are ``result.masks``.
+    - ``pruner``: pruning during training (a :class:`winnow.schedules.Pruner`, or a function
+      ``(iteration, model) -> masks or None``): called before the first step and after every
+      step; new masks it returns are enforced from then on. A pruner with an ``end`` (its
+      last pruning iteration) must end within the budget. The masks in force at the end are
+      ``result.masks``.
+    - ``optimizer``: use this optimizer instead of the one ``config`` names (the config's
+      learning-rate schedule still applies to it).
+    - ``callbacks``: :class:`Callback` hooks after every step and every evaluation.
+    - ``eval_splits``: what to evaluate every ``eval_every`` iterations, name -> ``(x, y)``
+      (default: the validation and test splits of ``data``); rows get ``<name>_loss`` and
+      ``<name>_acc``.
     - Deterministic: the data order and any randomness inside the model (dropout) follow
       ``config.seed``; the caller's global RNG is left untouched.
     """
-    device = torch.device(device)
-    model.to(device)
-    loader = Batches(data.x_train, data.y_train, config.batch_size, shuffle=True, seed=config.seed)
-    total = config.total_iterations(len(loader))
-    if not 0 <= start_iteration <= total:
-        raise ValueError(f"start_iteration {start_iteration} is outside [0, {total}]")
-    eval_every = config.eval_every or len(loader)
-    splits = {
-        "val": (data.x_val.to(device), data.y_val.to(device)),
-        "test": (data.x_test.to(device), data.y_test.to(device)),
-    }
-    result = TrainResult()
-    optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(config, start_iteration + step, total)
-    )
-    enforcer = enforce(model, masks, optimizer) if masks is not None else None
-    if pruner is not None and getattr(pruner, "end", 0) > total:
-        raise ValueError(
-            f"the pruning schedule ends at iteration {pruner.end}, after the {total} of training"
+    loop = _Loop(
+        model, data, config, masks, start_iteration, regularizer, pruner, optimizer,
+        callbacks, eval_splits, torch.device(device),
+    )  # fmt: skip
+    return loop.run(progress, description)
+
+
+class _Loop:
+    """One training run of :func:`train`: its optimizer, schedule, enforcement and records."""
+
+    def __init__(
+        self, model, data, config, masks, start_iteration, regularizer, pruner, optimizer,
+        callbacks, eval_splits, device,
+    ) -> None:  # fmt: skip
+        self.model, self.config, self.device = model.to(device), config, device
+        self.loader = Batches(
+            data.x_train, data.y_train, config.batch_size, shuffle=True, seed=config.seed
         )
+        self.total = config.total_iterations(len(self.loader))
+        if not 0 <= start_iteration <= self.total:
+            raise ValueError(f"start_iteration {start_iteration} is outside [0, {self.total}]")
+        self.start = start_iteration
+        self.eval_every = config.eval_every or len(self.loader)
+        if eval_splits is None:
+            eval_splits = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
+        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in eval_splits.items()}
+        self.result = TrainResult()
+        self.optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
+        total, start = self.total, start_iteration
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(config, start + step, total)
+        )
+        self.enforcer = enforce(model, masks, self.optimizer) if masks is not None else None
+        if pruner is not None and getattr(pruner, "end", 0) > total:
+            raise ValueError(
+                f"the pruning schedule ends at iteration {pruner.end}, "
+                f"after the {total} of training"
+            )
+        self.prune_step = getattr(pruner, "step", pruner)
+        self.regularizer, self.callbacks = regularizer, list(callbacks)
 
-    prune_step = getattr(pruner, "step", pruner)  # a Pruner, or a function (iteration, model)
-
-    def prune(iteration: int) -> None:
-        nonlocal enforcer
-        new = prune_step(iteration, model)
+    def prune(self, iteration: int) -> None:
+        """Ask the pruner for new masks at ``iteration`` and enforce them."""
+        if self.prune_step is None:
+            return
+        new = self.prune_step(iteration, self.model)
         if new is None:
             return
-        if enforcer is None:
-            enforcer = enforce(model, new, optimizer)
+        if self.enforcer is None:
+            self.enforcer = enforce(self.model, new, self.optimizer)
         else:
-            enforcer.update(new)
+            self.enforcer.update(new)
 
-    def record(iteration: int, train_loss: float) -> dict:
+    def record(self, iteration: int, train_loss: float) -> dict:
+        """Evaluate every split, append the row to the history, run the callbacks."""
         row = {"iteration": iteration, "train_loss": train_loss}
-        for split, (x, y) in splits.items():
-            loss, acc = evaluate(model, x, y, config.eval_batch_size)
+        for split, (x, y) in self.splits.items():
+            loss, acc = evaluate(self.model, x, y, self.config.eval_batch_size)
             row[f"{split}_loss"] = None if math.isnan(loss) else loss
             row[f"{split}_acc"] = None if math.isnan(acc) else acc
-        result.history.append(row)
+        self.result.history.append(row)
+        for callback in self.callbacks:
+            callback.after_eval(row, self.model)
         return row
 
-    def checkpoint(iteration: int) -> None:
-        if iteration in config.save_at:
-            result.checkpoints[iteration] = {
-                k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+    def checkpoint(self, iteration: int) -> None:
+        """Keep a CPU copy of the weights at the iterations of ``config.save_at``."""
+        if iteration in self.config.save_at:
+            self.result.checkpoints[iteration] = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
             }
 
-    started = time.perf_counter()
-    bar = _progress_bar(total - start_iteration, description, progress)
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed + start_iteration)
-            model.train()
-            if pruner is not None:
-                prune(start_iteration)
-            checkpoint(start_iteration)
-            running, count = torch.zeros((), device=device), 0
-            for step, xb, yb in loader.steps(total - start_iteration, start=start_iteration):
-                xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(xb), yb)
-                running += loss.detach()
-                count += 1
-                if regularizer is not None:
-                    loss = loss + regularizer(model)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                done = step + 1
-                if pruner is not None:
-                    prune(done)
-                checkpoint(done)
-                if done % eval_every == 0 or done == total:
-                    row = record(done, float(running) / count)
-                    running, count = torch.zeros((), device=device), 0
-                    model.train()
-                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row["test_acc"]))
-                bar.update(1)
-            if not result.history or result.history[-1]["iteration"] != total:
-                record(total, float(running) / count if count else math.nan)
-    finally:
-        bar.close()
-        if enforcer is not None:
-            enforcer.remove()
-            result.masks = enforcer.masks
-    result.iterations = total - start_iteration
-    result.seconds = time.perf_counter() - started
-    return result
+    def step(self, xb: Tensor, yb: Tensor) -> Tensor:
+        """One optimizer step on a batch; returns the detached data loss."""
+        xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(xb), yb)
+        data_loss = loss.detach()
+        if self.regularizer is not None:
+            loss = loss + self.regularizer(self.model)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return data_loss
+
+    def run(self, progress: bool, description: str) -> TrainResult:
+        started = time.perf_counter()
+        device, total = self.device, self.total
+        bar = _progress_bar(total - self.start, description, progress)
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(self.config.seed + self.start)
+                self.model.train()
+                self.prune(self.start)
+                self.checkpoint(self.start)
+                running, count = torch.zeros((), device=device), 0
+                for step, xb, yb in self.loader.steps(total - self.start, start=self.start):
+                    running += self.step(xb, yb)
+                    count += 1
+                    done = step + 1
+                    self.prune(done)
+                    self.checkpoint(done)
+                    for callback in self.callbacks:
+                        callback.after_step(done, self.model)
+                    if done % self.eval_every == 0 or done == total:
+                        row = self.record(done, float(running) / count)
+                        running, count = torch.zeros((), device=device), 0
+                        self.model.train()
+                        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **_shown(row))
+                    bar.update(1)
+                history = self.result.history
+                if not history or history[-1]["iteration"] != total:
+                    self.record(total, float(running) / count if count else math.nan)
+        finally:
+            bar.close()
+            if self.enforcer is not None:
+                self.enforcer.remove()
+                self.result.masks = self.enforcer.masks
+        self.result.iterations = total - self.start
+        self.result.seconds = time.perf_counter() - started
+        return self.result
+
+
+def _shown(row: dict) -> dict[str, str]:
+    """The accuracy the progress bar shows: the test split's, else the first one there is."""
+    key = "test_acc" if "test_acc" in row else next((k for k in row if k.endswith("_acc")), None)
+    return {} if key is None else {"acc": _fmt(row[key])}
 
 
 def _fmt(value: float | None) -> str:

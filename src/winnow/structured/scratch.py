@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from winnow.data import Batches, DataSplits
+from winnow.data import DataSplits
 from winnow.structured.budget import Structure, threshold_for_budget
 from winnow.structured.dependency import ChannelGroup, analyse
 from winnow.structured.gates import add_gates, gate_modules
 from winnow.structured.surgery import rebuild, shrink, spec_for
-from winnow.training import evaluate
+from winnow.training import Callback, TrainConfig, train
 
 
 @dataclass
@@ -42,7 +42,8 @@ class GateResult:
     """What :func:`learn_gates` found.
 
     ``gates`` maps a group name to the kept checkpoint's gate values (CPU); ``history`` holds
-    one row per evaluation (``epoch``, ``iteration``, ``loss``, ``val_acc``, ``nonzero``: the
+    one row per evaluation (``epoch``, ``iteration``, ``train_loss`` (the cross-entropy, without
+    the penalty), ``val_loss``, ``val_acc``, ``nonzero``: the
     fraction of non-zero gates, ``mean_gate``); ``chosen`` is the row of the kept checkpoint.
     """
 
@@ -77,83 +78,57 @@ def learn_gates(
     (``lr``) on mini-batches of ``batch_size`` drawn by a generator seeded with ``seed``,
     clamping every gate to [0, 1] after each step, for ``epochs`` epochs (or ``iterations``
     steps when given). ``ratio`` is r, the fraction of gates expected to stay non-zero.
-    After every epoch it records the validation accuracy (eval mode; the training split's first
-    1,000 examples when there is no validation split) and the fraction of non-zero gates, and
-    keeps the gates of the best epoch among those with at most ``ratio`` non-zero (else the
-    last). The model is not changed: gates go on a copy (:func:`add_gates`, which also says
-    which channels are gated); in that copy no weight changes, only the BatchNorm running
-    statistics follow the batches, as in the authors' code (train mode).
+    It is :func:`winnow.train` with the penalty as regularizer and a callback that clamps
+    the gates. After every epoch it records the validation accuracy (eval mode; the training
+    split's first 1,000 examples when there is no validation split) and the fraction of
+    non-zero gates, and keeps the gates of the best epoch among those with at most ``ratio``
+    non-zero (else the last). The model is not changed: gates go on a copy
+    (:func:`add_gates`, which also says which channels are gated); in that copy no weight
+    changes, only the BatchNorm running statistics follow the batches, as in the authors' code
+    (train mode).
     """
     if epochs is None and iterations is None:
         raise ValueError("set epochs or iterations")
     if not 0 <= ratio <= 1:
         raise ValueError(f"ratio is a fraction of gates in [0, 1], got {ratio}")
-    device = torch.device(device)
     gated, groups = add_gates(model, input_shape or data.input_shape, include_tied=include_tied)
     if not groups:
         raise ValueError("the model has no channel group to gate")
-    gated.to(device)
     for param in gated.parameters():
         param.requires_grad_(False)
     modules = gate_modules(gated)
     weights = [gate.weight for gate in modules.values()]
     for weight in weights:
         weight.requires_grad_(True)
-    optimizer = torch.optim.Adam(weights, lr=lr)
-    loader = Batches(data.x_train, data.y_train, batch_size, shuffle=True, seed=seed)
-    total = iterations if iterations is not None else math.ceil(epochs * len(loader))
-    if total < 1:
-        raise ValueError(f"learning gates needs at least one step, got {total}")
+    budget = {"iterations": iterations} if iterations is not None else {"epochs": epochs}
+    config = TrainConfig(**budget, batch_size=batch_size, optimizer="adam", lr=lr, seed=seed)
+    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
+    if config.total_iterations(steps_per_epoch) < 1:
+        raise ValueError("learning gates needs at least one step")
     if len(data.y_val):
-        x_val, y_val = data.x_val.to(device), data.y_val.to(device)
+        held_out = {"val": (data.x_val, data.y_val)}
     else:
-        x_val, y_val = data.x_train[:1000].to(device), data.y_train[:1000].to(device)
-    result = GateResult({}, groups)
-    snapshots: list[dict[str, Tensor]] = []
+        held_out = {"val": (data.x_train[:1000], data.y_train[:1000])}
 
-    def record(done: int, loss: float) -> None:
-        _, acc = evaluate(gated, x_val, y_val)
-        gated.train()
-        values = torch.cat([w.detach() for w in weights])
-        row = {
-            "epoch": done / len(loader),
-            "iteration": done,
-            "loss": loss,
-            "val_acc": acc,
-            "nonzero": float((values != 0).float().mean()),
-            "mean_gate": float(values.mean()),
-        }
-        result.history.append(row)
-        snapshots.append({k: g.weight.detach().cpu().clone() for k, g in modules.items()})
-        bar.set_postfix(acc=f"{acc:.3f}", nonzero=f"{row['nonzero']:.3f}")
+    def gate_penalty(_: nn.Module) -> Tensor:
+        everything = torch.cat(weights)
+        loss = penalty * (everything.abs().mean() - ratio) ** 2
+        return loss + l1 * everything.abs().sum() if l1 else loss
 
-    started = time.perf_counter()
-    bar = _progress(total, progress)
-    running, count = 0.0, 0
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            gated.train()
-            for step, xb, yb in loader.steps(total):
-                xb, yb = xb.to(device), yb.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(gated(xb), yb)
-                everything = torch.cat(weights)
-                loss = loss + penalty * (everything.abs().mean() - ratio) ** 2
-                if l1:
-                    loss = loss + l1 * everything.abs().sum()
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    for weight in weights:
-                        weight.clamp_(0, 1)
-                running, count = running + float(loss.detach()), count + 1
-                if (step + 1) % len(loader) == 0 or step + 1 == total:
-                    record(step + 1, running / count)
-                    running, count = 0.0, 0
-                bar.update(1)
-    finally:
-        bar.close()
+    recorder = _GateRecorder(modules, weights, steps_per_epoch)
+    trained = train(
+        gated,
+        data,
+        config,
+        regularizer=gate_penalty,
+        optimizer=torch.optim.Adam(weights, lr=lr),  # plain Adam over the gates only
+        callbacks=[recorder],
+        eval_splits=held_out,
+        device=device,
+        progress=progress,
+        description="gates",
+    )
+    result = GateResult({}, groups, recorder.history, iterations=trained.iterations)
     eligible = [i for i, row in enumerate(result.history) if row["nonzero"] <= ratio]
     best = (
         max(eligible, key=lambda i: (result.history[i]["val_acc"], -i))
@@ -161,16 +136,32 @@ def learn_gates(
         else len(result.history) - 1
     )
     result.chosen = dict(result.history[best])
-    result.gates = snapshots[best]
-    result.iterations = total
-    result.seconds = time.perf_counter() - started
+    result.gates = recorder.snapshots[best]
+    result.seconds = trained.seconds
     return result
 
 
-def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
+class _GateRecorder(Callback):
+    """Keeps the gates in [0, 1] after every step; after every evaluation, records the
+    fraction of non-zero gates and keeps a copy of them."""
 
-    return tqdm(total=total, desc="gates", disable=None if enabled else True, leave=False)
+    def __init__(self, modules: dict, weights: list[Tensor], steps_per_epoch: int) -> None:
+        self.modules, self.weights, self.steps_per_epoch = modules, weights, steps_per_epoch
+        self.history: list[dict] = []
+        self.snapshots: list[dict[str, Tensor]] = []
+
+    def after_step(self, iteration: int, model: nn.Module) -> None:
+        with torch.no_grad():
+            for weight in self.weights:
+                weight.clamp_(0, 1)
+
+    def after_eval(self, row: dict, model: nn.Module) -> None:
+        values = torch.cat([w.detach() for w in self.weights])
+        row["epoch"] = row["iteration"] / self.steps_per_epoch
+        row["nonzero"] = float((values != 0).float().mean())
+        row["mean_gate"] = float(values.mean())
+        self.history.append(row)
+        self.snapshots.append({k: g.weight.detach().cpu().clone() for k, g in self.modules.items()})
 
 
 def scratch_b_epochs(epochs: float, dense_flops: float, pruned_flops: float) -> float:
