@@ -1,7 +1,10 @@
 """The at-init experiment: runs are stored as they finish, resumed, and reported from the store."""
 
+from dataclasses import replace
+
 import pytest
 
+from winnow import TrainConfig
 from winnow.experiments import at_init
 from winnow.experiments.store import RunStore
 
@@ -14,7 +17,7 @@ def tiny_sweep(**overrides):
         densities=(0.2, 0.05),
         seeds=(0,),
         controls=("none", "shuffle"),
-        epochs=1,
+        train=TrainConfig(epochs=1),
         data_limit=300,
     )
     options.update(overrides)
@@ -35,7 +38,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path, monkeypatch):
             raise SystemExit(1)  # the sweep is killed during its fourth run
         original(run)
 
-    monkeypatch.setattr(at_init, "execute", flaky)
+    monkeypatch.setattr(at_init, "EXPERIMENT_SPEC", replace(at_init.EXPERIMENT_SPEC, execute=flaky))
     with pytest.raises(SystemExit):
         at_init.run(tmp_path, configs, progress=False)
     store = RunStore(tmp_path)

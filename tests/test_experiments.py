@@ -180,7 +180,8 @@ def test_records_merge_config_fields(tmp_path):
         "density": 0.1,
         "seed": 1,
         "milestones": [],
-        "train": {"iterations": 100, "lr": 0.1},
+        "train.iterations": 100,  # nested configurations as dotted keys
+        "train.lr": 0.1,
     }
     assert second["acc"] == 0.75 and second["density"] == 0.099  # data wins over config
     assert len(store.records("pai")) == 3
@@ -417,8 +418,12 @@ def test_plots_write_png_files(tmp_path):
 def test_an_int_given_for_a_float_field_is_the_same_configuration():
     """epochs=3 and epochs=3.0 must name one run (a sweep started from the CLI, which parses
     floats, and one from Python would otherwise redo each other's work)."""
+    from winnow import TrainConfig
     from winnow.experiments.at_init import AtInitConfig
 
-    assert config_id(AtInitConfig(epochs=3)) == config_id(AtInitConfig(epochs=3.0))
-    assert config_id(AtInitConfig(epochs=5)) == config_id(AtInitConfig())
-    assert config_id(AtInitConfig(epochs=3)) != config_id(AtInitConfig(epochs=4))
+    def epochs(value):
+        return AtInitConfig(train=TrainConfig(epochs=value))
+
+    assert config_id(epochs(3)) == config_id(epochs(3.0))
+    assert config_id(epochs(5)) == config_id(AtInitConfig())
+    assert config_id(epochs(3)) != config_id(epochs(4))

@@ -24,14 +24,13 @@ from winnow.schedules import (
 )
 from winnow.training import TrainConfig
 
+TINY_TRAIN = {"iterations": 24, "eval_every": 8, "batch_size": 32}
 TINY = {
     "model": "mlp",
     "data": "synthetic",
     "rounds": 3,
     "rate": 0.5,
-    "iterations": 24,
-    "eval_every": 8,
-    "batch_size": 32,
+    "train": TrainConfig(**TINY_TRAIN),
 }
 
 
@@ -231,6 +230,7 @@ def test_config_validation():
 KILLER = """
 import os, signal, sys
 import winnow.schedules.lottery as schedule
+from winnow import TrainConfig
 from winnow.experiments import lottery
 
 calls = {{"n": 0}}
@@ -243,14 +243,16 @@ def train(*args, **kwargs):
     return original(*args, **kwargs)
 
 schedule.train = train
-lottery.run(sys.argv[1], lottery.sweep(seeds=(0,), controls=("none",), **{tiny!r}), progress=False)
+tiny = dict({tiny!r}, train=TrainConfig(**{train!r}))
+lottery.run(sys.argv[1], lottery.sweep(seeds=(0,), controls=("none",), **tiny), progress=False)
 """
 
 
 @pytest.mark.parametrize("kill_at", [1, 3])
 def test_killed_mid_round_resumes_and_equals_an_uninterrupted_run(tmp_path, kill_at):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    script = textwrap.dedent(KILLER.format(kill_at=kill_at, tiny=TINY))
+    flat = {k: v for k, v in TINY.items() if k != "train"}
+    script = textwrap.dedent(KILLER.format(kill_at=kill_at, tiny=flat, train=TINY_TRAIN))
     env = {**os.environ, "PYTHONPATH": str(Path(winnow.__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-c", script, str(killed)], env=env, capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()

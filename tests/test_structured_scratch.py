@@ -1,6 +1,7 @@
 """Gates, Pruning from Scratch, FLOPs budgets, the baselines and the scratch experiment."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -249,7 +250,7 @@ TINY = dict(
     budgets=(0.5,),
     seeds=(0,),
     width=0.125,
-    epochs=0.5,
+    train=replace(experiment.ScratchConfig().train, epochs=0.5),
     gate_epochs=1.0,
     data_limit=200,
     latency_batch=8,
@@ -296,7 +297,11 @@ def test_scratch_experiment_runs_resumes_and_reports(tmp_path, monkeypatch):
         if row["method"] != "dense":
             assert within_budget_ratio(row["flops_ratio"], row["budget"])
             assert row["epochs_trained"] == pytest.approx(0.5 / row["flops_ratio"])
-    assert (tmp_path / "scratch" / "pretrained").is_dir()
+    pretrained = store.runs("scratch-pretrained")  # a run of its own, shared by three methods
+    assert [r["status"] for r in pretrained] == ["done", "done"]  # without and with slimming
+    assert (
+        tmp_path / "scratch-pretrained" / pretrained[0]["run_id"] / "weights.safetensors"
+    ).is_file()
 
     paths = experiment.report(tmp_path)
     table = paths["table"].read_text()
@@ -308,7 +313,7 @@ def test_scratch_experiment_runs_resumes_and_reports(tmp_path, monkeypatch):
     # the command line finds the same runs done and only reports
     calls_before = len(trainings)
     args = ["experiment", "scratch", "--data", "synthetic", "--width", "0.125", "--epochs", "0.5"]
-    args += ["--gate-epochs", "1", "--limit", "200", "--budgets", "50", "--seeds", "0"]
+    args += ["--gate-epochs", "1", "--data-limit", "200", "--budgets", "50", "--seeds", "0"]
     args += ["--latency-batch", "8", "--latency-repeats", "2"]
     assert cli_main([*args, "--results", str(tmp_path), "--no-progress"]) == 0
     assert len(trainings) == calls_before

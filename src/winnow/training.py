@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from winnow.core.enforcement import enforce
 from winnow.core.masks import Masks
 from winnow.data import Batches, DataSplits
+from winnow.options import option
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -36,22 +37,28 @@ class TrainConfig:
     iterations whose weights are kept in the result (0 = before the first step).
     """
 
-    iterations: int | None = None
-    epochs: float | None = None
-    batch_size: int = 60
-    optimizer: str = "adam"
-    lr: float = 1.2e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    warmup: int = 0
-    eval_every: int = 0
-    eval_batch_size: int = 1000
-    save_at: tuple[int, ...] = ()
-    seed: int = 0
+    iterations: int | None = option(
+        None, help="training budget in optimizer steps (instead of epochs)", exclusive="budget"
+    )
+    epochs: float | None = option(
+        None, help="training budget in passes over the training split", exclusive="budget"
+    )
+    batch_size: int = option(60, help="examples per optimizer step")
+    optimizer: str = option("adam", help="optimizer", choices=OPTIMIZERS)
+    lr: float = option(1.2e-3, help="base learning rate")
+    momentum: float = option(0.9, help="momentum of SGD")
+    nesterov: bool = option(False, help="Nesterov momentum (SGD)")
+    weight_decay: float = option(0.0, help="weight decay (L2 for SGD and Adam, decoupled AdamW)")
+    lr_schedule: str = option("constant", help="learning-rate schedule", choices=LR_SCHEDULES)
+    milestones: tuple[int, ...] = option(
+        (), help="iterations at which the step schedule multiplies the rate by gamma"
+    )
+    gamma: float = option(0.1, help="factor of the step schedule")
+    warmup: int = option(0, help="iterations of linear warm-up before any schedule")
+    eval_every: int = option(0, help="iterations between evaluations (0: once per epoch)")
+    eval_batch_size: int = option(1000, help="examples per evaluation batch")
+    save_at: tuple[int, ...] = option((), help="iterations whose weights are kept (rewinding)")
+    seed: int = option(0, help="seed of the data order and of randomness in the model")
 
     def __post_init__(self) -> None:
         if (self.iterations is None) == (self.epochs is None):

@@ -42,6 +42,8 @@ Example::
                 Path("results/pai/summary"))
 """
 
+from winnow.experiments import at_init, lottery, scratch  # noqa: E402  (they register)
+from winnow.experiments.registry import EXPERIMENTS, Axis, Experiment, register
 from winnow.experiments.report import aggregate, bar_plot, line_plot, markdown_table, write_table
 from winnow.experiments.runner import SweepSummary, run_sweep
 from winnow.experiments.store import (
@@ -55,7 +57,10 @@ from winnow.experiments.store import (
 from winnow.io import load_tensors, save_tensors, tensor_metadata
 
 __all__ = [
+    "EXPERIMENTS",
     "STATUSES",
+    "Axis",
+    "Experiment",
     "Run",
     "RunStore",
     "SweepSummary",
@@ -64,11 +69,15 @@ __all__ = [
     "config_from_dict",
     "config_id",
     "config_to_dict",
+    "at_init",
     "line_plot",
+    "lottery",
     "load_tensors",
     "markdown_table",
     "run_sweep",
+    "register",
     "save_tensors",
+    "scratch",
     "tensor_metadata",
     "write_table",
 ]

@@ -14,19 +14,20 @@ the plots from the store alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import winnow
+from winnow import models
 from winnow.analysis import gradient_norm, shuffle_within_layers
-from winnow.core.densities import check_density
+from winnow.core.densities import SCOPES, check_density
 from winnow.core.masks import Masks
 from winnow.criteria import available as available_criteria
 from winnow.criteria import lookup
 from winnow.experiments.common import load_data
+from winnow.experiments.registry import Axis, Experiment, register
 from winnow.experiments.report import aggregate, bar_plot, line_plot, write_table
-from winnow.experiments.runner import run_sweep
-from winnow.experiments.store import Run, RunStore
+from winnow.experiments.store import Run, RunStore, check_run_seed
+from winnow.options import option
 from winnow.schedules import prune_at_init
 from winnow.training import TrainConfig, train
 
@@ -36,24 +37,28 @@ PAPER_DENSITIES = (0.1, 0.05, 0.02, 0.01, 0.005, 0.002)
 REINIT_SEED_OFFSET = 1_000_003
 
 
+def _five_epochs() -> TrainConfig:
+    return TrainConfig(epochs=5.0)
+
+
 @dataclass(frozen=True)
 class AtInitConfig:
     """One run: prune ``model`` at init with ``method`` to ``density``, then train it."""
 
-    model: str = "lenet300"
-    data: str = "fashion-mnist"
-    method: str = "snip"
-    density: float = 0.1
-    seed: int = 0
-    control: str = "none"
-    rounds: int | None = None
-    scope: str = "global"
-    epochs: float = 5.0
-    batch_size: int = 60
-    optimizer: str = "adam"
-    lr: float = 1.2e-3
-    weight_decay: float = 0.0
-    data_limit: int | None = None
+    model: str = option("lenet300", help="a model of `winnow models`")
+    data: str = option("fashion-mnist", help="a dataset of `winnow datasets`")
+    method: str = option("snip", help="a criterion of winnow.criteria, or dense")
+    density: float = option(0.1, help="fraction of the weights kept")
+    seed: int = option(0, help="seeds the initialisation, the data split and order, the masks")
+    control: str = option("none", help="the control applied to the mask", choices=CONTROLS)
+    rounds: int | None = option(
+        None, help="pruning rounds (none: 100 for synflow, 1 for the other criteria)"
+    )
+    scope: str = option(
+        "global", help="one threshold for all layers, or one per layer", choices=SCOPES
+    )
+    train: TrainConfig = option(factory=_five_epochs, help="how every network is trained")
+    data_limit: int | None = option(None, help="keep only the first N examples of each split")
 
     def __post_init__(self) -> None:
         if self.method != "dense" and self.method not in available_criteria():
@@ -64,89 +69,77 @@ class AtInitConfig:
         check_density(self.density)
         if self.control not in CONTROLS:
             raise ValueError(f"unknown control {self.control!r}; choose one of {CONTROLS}")
-        if self.model not in winnow.models.available():
+        if self.model not in models.available():
             raise ValueError(f"unknown model {self.model!r}")
+        check_run_seed(self.train)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-        )
+        """How this run trains: ``train`` with the run's seed."""
+        return replace(self.train, seed=self.seed)
 
 
 def sweep(
-    model: str = "lenet300",
-    data: str = "fashion-mnist",
     methods: tuple[str, ...] = ("random", "magnitude", "snip", "grasp", "synflow"),
     densities: tuple[float, ...] = PAPER_DENSITIES,
     seeds: tuple[int, ...] = (0, 1, 2),
     controls: tuple[str, ...] = ("none", "shuffle"),
-    **options,
+    **fields,
 ) -> list[AtInitConfig]:
     """The runs of a sweep: a dense reference per seed, then every method x density x seed x
-    control (densities are fractions kept, e.g. 0.01 for 1%)."""
-    configs = [
-        AtInitConfig(model=model, data=data, method="dense", density=1.0, seed=s, **options)
-        for s in seeds
-    ]
+    control (densities are fractions kept, e.g. 0.01 for 1%); ``fields`` are the other
+    :class:`AtInitConfig` fields. The methods themselves always run: a control is added
+    beside them, never in their place."""
+    if "none" not in controls:
+        controls = ("none", *controls)
+    configs = [AtInitConfig(method="dense", density=1.0, seed=s, **fields) for s in seeds]
     for method in methods:
         for density in densities:
             for seed in seeds:
                 for control in controls:
                     configs.append(
                         AtInitConfig(
-                            model=model,
-                            data=data,
-                            method=method,
-                            density=density,
-                            seed=seed,
-                            control=control,
-                            **options,
+                            method=method, density=density, seed=seed, control=control, **fields
                         )
                     )
     return configs
+
+
+def _masks(run: Run, config: AtInitConfig, model, data) -> Masks:
+    """The method's masks for this run's model: pruned once (stored before anything is
+    recorded), or, for a control, read from the method's own run (its parent in the store,
+    run first if it is not done)."""
+    if config.control != "none":
+        parent = run.store.ensure(EXPERIMENT, replace(config, control="none"), execute)
+        run.link(parent)
+        return Masks.load(parent.path("masks.safetensors"))
+    if run.has("masks.safetensors"):
+        return Masks.load(run.path("masks.safetensors"))
+    options = {"seed": config.seed} if lookup(config.method).takes_seed() else {}
+    masks = prune_at_init(
+        model, config.method, config.density, data, rounds=config.rounds, scope=config.scope,
+        **options,
+    )  # fmt: skip
+    masks.save(run.path("masks.safetensors"))
+    return masks
 
 
 def execute(run: Run) -> None:
     """Run one configuration: prune (or reuse the stored masks), apply the control, train."""
     config: AtInitConfig = run.config
     data = load_data(config.data, config.seed, config.data_limit)
-    model = winnow.models.create_for(config.model, data, seed=config.seed)
+    model = models.create_for(config.model, data, seed=config.seed)
     masks = None
     if config.method != "dense":
-        if run.has("masks.safetensors"):
-            masks = Masks.load(run.path("masks.safetensors"))
-        else:
-            masks = prune_at_init(
-                model,
-                config.method,
-                config.density,
-                data,
-                rounds=config.rounds,
-                scope=config.scope,
-                **({"seed": config.seed} if lookup(config.method).takes_seed() else {}),
-            )
-            masks.save(run.path("masks.safetensors"))
-        run.record(
-            "prune",
-            0,
-            {
-                "layer_density": masks.layer_density(),
-                "collapsed": masks.collapsed_layers(),
-                "grad_norm_dense": gradient_norm(model, data),
-                "grad_norm_pruned": gradient_norm(model, data, masks),
-            },
-        )
-        if config.control == "shuffle":
+        masks = _masks(run, config, model, data)
+        pruned = {"layer_density": masks.layer_density(), "collapsed": masks.collapsed_layers()}
+        if config.control == "none":
+            pruned["grad_norm_dense"] = gradient_norm(model, data)
+            pruned["grad_norm_pruned"] = gradient_norm(model, data, masks)
+        elif config.control == "shuffle":
             masks = shuffle_within_layers(masks, seed=config.seed)
         elif config.control == "reinit":
-            model = winnow.models.create_for(
-                config.model, data, seed=config.seed + REINIT_SEED_OFFSET
-            )
+            model = models.create_for(config.model, data, seed=config.seed + REINIT_SEED_OFFSET)
+        run.record("prune", 0, pruned)
     result = train(model, data, config.train_config(), masks=masks)
     best = result.early_stop
     run.record(
@@ -161,13 +154,6 @@ def execute(run: Run) -> None:
             "seconds": result.seconds,
         },
     )
-
-
-def run(results: str | Path, configs: list[AtInitConfig], progress: bool = True) -> RunStore:
-    """Execute the sweep into the run store at ``results`` (finished runs are skipped)."""
-    store = RunStore(results)
-    run_sweep(store, EXPERIMENT, configs, execute, progress=progress)
-    return store
 
 
 def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path]:
@@ -237,3 +223,45 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
             title="Fraction kept per layer",
         )
     return paths
+
+
+EXPERIMENT_SPEC = register(
+    Experiment(
+        name=EXPERIMENT,
+        help="methods x densities x seeds, pruned at initialisation, then trained",
+        config=AtInitConfig,
+        axes=(
+            Axis(
+                "method",
+                "methods",
+                str,
+                ("random", "magnitude", "snip", "grasp", "synflow"),
+                "criteria to compare",
+            ),
+            Axis(
+                "density",
+                "densities",
+                float,
+                PAPER_DENSITIES,
+                "percent of the weights kept",
+                unit=100,
+            ),
+            Axis("seed", "seeds", int, (0, 1, 2), "seeds"),
+            Axis(
+                "control",
+                "controls",
+                str,
+                ("none", "shuffle"),
+                "controls run beside the methods: shuffle, reinit",
+            ),
+        ),
+        sweep=sweep,
+        execute=execute,
+        report=report,
+    )
+)
+
+
+def run(results: str | Path, configs: list[AtInitConfig], progress: bool = True) -> RunStore:
+    """Execute the sweep into the run store at ``results`` (finished runs are skipped)."""
+    return EXPERIMENT_SPEC.run(results, configs, progress)[0]

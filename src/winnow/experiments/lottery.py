@@ -24,15 +24,15 @@ import itertools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import winnow
+from winnow import models
 from winnow.analysis import shuffle_within_layers
 from winnow.core.densities import check_sparsity
 from winnow.core.masks import Masks
 from winnow.experiments.common import load_data
+from winnow.experiments.registry import Axis, Experiment, register
 from winnow.experiments.report import aggregate, line_plot, write_table
-from winnow.experiments.runner import run_sweep
-from winnow.experiments.store import Run, RunStore, config_id
-from winnow.io import load_tensors
+from winnow.experiments.store import Run, RunStore, check_run_seed
+from winnow.options import option
 from winnow.schedules.lottery import iterative_magnitude_pruning, lottery_rates, train_round
 from winnow.training import TrainConfig, TrainResult
 
@@ -42,6 +42,10 @@ REINIT_SEED_OFFSET = 1_000_003
 LABELS = {"none": "ticket", "reinit": "random reinit", "random": "random mask"}
 
 
+def _five_epochs() -> TrainConfig:
+    return TrainConfig(epochs=5.0)
+
+
 @dataclass(frozen=True)
 class LotteryConfig:
     """One run: ``rounds`` rounds of iterative magnitude pruning of ``model`` on ``data``.
@@ -49,30 +53,31 @@ class LotteryConfig:
     ``rate`` is the fraction of the remaining weights pruned per round in fully connected
     layers (or everywhere with ``scope="global"``); ``conv_rate`` for convolutions (default
     ``rate``) and ``output_rate`` for the output layer (default ``rate / 2``), as in Frankle &
-    Carbin 2019. ``rewind`` is the iteration k the survivors are reset to (0: θ₀).
-    ``iterations`` overrides ``epochs`` as the training budget of each round.
+    Carbin 2019. ``rewind`` is the iteration k the survivors are reset to (0: θ₀). ``train``
+    is each round's training (its budget in epochs or iterations).
     """
 
-    model: str = "lenet300"
-    data: str = "fashion-mnist"
-    rounds: int = 18
-    rate: float = 0.2
-    conv_rate: float | None = None
-    output_rate: float | None = None
-    scope: str = "layer"
-    rewind: int = 0
-    seed: int = 0
-    control: str = "none"
-    epochs: float = 5.0
-    iterations: int | None = None
-    batch_size: int = 60
-    optimizer: str = "adam"
-    lr: float = 1.2e-3
-    eval_every: int = 0
-    data_limit: int | None = None
+    model: str = option("lenet300", help="a model of `winnow models`")
+    data: str = option("fashion-mnist", help="a dataset of `winnow datasets`")
+    rounds: int = option(18, help="pruning rounds after the dense one")
+    rate: float = option(
+        0.2,
+        help="fraction of the remaining weights pruned per round (fully connected layers, "
+        "or all with --scope global)",
+    )
+    conv_rate: float | None = option(None, help="rate for convolutions (default: --rate)")
+    output_rate: float | None = option(None, help="rate for the output layer (default: --rate / 2)")
+    scope: str = option(
+        "layer", help="prune each layer, or rank all together", choices=("layer", "global")
+    )
+    rewind: int = option(0, help="rewind iteration k (0: reset to θ₀)")
+    seed: int = option(0, help="seeds the initialisation, the data split and order")
+    control: str = option("none", help="ticket or control", choices=CONTROLS)
+    train: TrainConfig = option(factory=_five_epochs, help="how every round is trained")
+    data_limit: int | None = option(None, help="keep only the first N examples of each split")
 
     def __post_init__(self) -> None:
-        if self.model not in winnow.models.available():
+        if self.model not in models.available():
             raise ValueError(f"unknown model {self.model!r}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
@@ -85,22 +90,11 @@ class LotteryConfig:
             raise ValueError(f"unknown control {self.control!r}; choose one of {CONTROLS}")
         if self.rewind < 0:
             raise ValueError(f"rewind must be >= 0, got {self.rewind}")
-        self.train_config()  # validates the training options
+        check_run_seed(self.train)
 
     def train_config(self) -> TrainConfig:
-        budget = (
-            {"iterations": self.iterations}
-            if self.iterations is not None
-            else {"epochs": self.epochs}
-        )
-        return TrainConfig(
-            **budget,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            eval_every=self.eval_every,
-            seed=self.seed,
-        )
+        """How every round trains: ``train`` with the run's seed."""
+        return replace(self.train, seed=self.seed)
 
     def ticket(self) -> LotteryConfig:
         """The ticket run a control run follows."""
@@ -110,13 +104,13 @@ class LotteryConfig:
 def sweep(
     seeds: tuple[int, ...] = (0, 1, 2),
     controls: tuple[str, ...] = ("none", "reinit", "random"),
-    **options,
+    **fields,
 ) -> list[LotteryConfig]:
     """The runs of a sweep: for every seed, the ticket run, then its controls (in order, so
-    each control finds its ticket finished). ``options`` are :class:`LotteryConfig` fields."""
+    each control finds its ticket finished). ``fields`` are :class:`LotteryConfig` fields."""
     if "none" not in controls:
         controls = ("none", *controls)
-    return [LotteryConfig(seed=s, control=c, **options) for s in seeds for c in controls]
+    return [LotteryConfig(seed=s, control=c, **fields) for s in seeds for c in controls]
 
 
 def _rates(config: LotteryConfig, model) -> float | dict[str, float]:
@@ -146,7 +140,7 @@ def _masks_file(round_: int) -> str:
 def _execute_ticket(run: Run) -> None:
     config: LotteryConfig = run.config
     data = load_data(config.data, config.seed, config.data_limit)
-    model = winnow.models.create_for(config.model, data, seed=config.seed)
+    model = models.create_for(config.model, data, seed=config.seed)
     if run.has("init.safetensors"):
         model.load_state_dict(run.load_tensors("init.safetensors"))
     else:
@@ -182,27 +176,23 @@ def _execute_ticket(run: Run) -> None:
 
 def _execute_control(run: Run) -> None:
     config: LotteryConfig = run.config
-    ticket = config.ticket()
-    ticket_id = config_id(ticket)
-    if run.store.status(EXPERIMENT, ticket_id) != "done":
-        raise RuntimeError(
-            f"the {config.control} control needs its ticket run {ticket_id} finished first "
-            "(run the sweep with control 'none' before the controls)"
-        )
-    ticket_dir = run.store.run_dir(EXPERIMENT, ticket_id)
+    ticket = run.store.require(
+        EXPERIMENT, config.ticket(), f"the {config.control} control needs its ticket run"
+    )
+    run.link(ticket)
     data = load_data(config.data, config.seed, config.data_limit)
-    model = winnow.models.create_for(config.model, data, seed=config.seed)
+    model = models.create_for(config.model, data, seed=config.seed)
     if config.control == "reinit":
-        state = winnow.models.create_for(
+        state = models.create_for(
             config.model, data, seed=config.seed + REINIT_SEED_OFFSET
         ).state_dict()
     else:
-        state = load_tensors(ticket_dir / "rewind.safetensors")
+        state = ticket.load_tensors("rewind.safetensors")
     done = run.completed("round")
     for round_ in range(1, config.rounds + 1):
         if round_ in done:
             continue
-        masks = Masks.load(ticket_dir / _masks_file(round_))
+        masks = Masks.load(ticket.path(_masks_file(round_)))
         if config.control == "random":
             masks = shuffle_within_layers(masks, seed=config.seed * 1000 + round_)
         _, result = train_round(
@@ -223,14 +213,6 @@ def execute(run: Run) -> None:
         _execute_ticket(run)
     else:
         _execute_control(run)
-
-
-def run(results: str | Path, configs: list[LotteryConfig], progress: bool = True) -> RunStore:
-    """Execute the sweep into the run store at ``results`` (finished runs are skipped, a run
-    stopped halfway resumes at its last finished round)."""
-    store = RunStore(results)
-    run_sweep(store, EXPERIMENT, configs, execute, progress=progress)
-    return store
 
 
 GROUP = ("model", "data", "rate", "scope", "rewind")
@@ -256,6 +238,31 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
     rows = store.records(EXPERIMENT, kind="round")
     if not rows:
         raise ValueError(f"no finished {EXPERIMENT} runs in {results}")
+    table = _round_table(rows)
+    paths = {}
+    paths["table"], paths["csv"] = write_table(
+        table,
+        ["model", "rewind", "method", "round", "remaining %", "early-stop acc %",
+         "final acc %", "early-stop iteration", "n"],
+        out,
+        formats={"remaining %": "{:.3g}"},
+    )  # fmt: skip
+    paths.update(_plots(table, f"{rows[0]['model']} on {rows[0]['data']}", out))
+    overlap = mask_overlaps(store)
+    if overlap:
+        paths["overlap"], paths["overlap_csv"] = write_table(
+            overlap,
+            ["model", "rewind", "round", "remaining %", "seeds", "across seeds",
+             "random expectation", "with previous round"],
+            out.parent / f"{out.name}-overlap",
+            formats={"remaining %": "{:.3g}", "across seeds": ".4f",
+                     "random expectation": ".4f", "with previous round": ".4f"},
+        )  # fmt: skip
+    return paths
+
+
+def _round_table(rows: list[dict]) -> list[dict]:
+    """Mean ± std over seeds per configuration group, control and round, formatted."""
     table = aggregate(
         rows,
         by=[*GROUP, "control", "step"],
@@ -271,23 +278,11 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
         row["early-stop iteration"] = (
             f"{row['early_stop_iteration_mean']:.0f} ± {row['early_stop_iteration_std']:.0f}"
         )
-    paths = {}
-    paths["table"], paths["csv"] = write_table(
-        table,
-        [
-            "model",
-            "rewind",
-            "method",
-            "round",
-            "remaining %",
-            "early-stop acc %",
-            "final acc %",
-            "early-stop iteration",
-            "n",
-        ],
-        out,
-        formats={"remaining %": "{:.3g}"},
-    )
+    return table
+
+
+def _plots(table: list[dict], name: str, out: Path) -> dict[str, Path]:
+    """Early-stop accuracy and early-stop iteration against the percent of weights left."""
     rewinds = {r["rewind"] for r in table}
     accuracy: dict[str, list] = {}
     early: dict[str, list] = {}
@@ -301,7 +296,7 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
             (x, row["early_stop_iteration_mean"], row["early_stop_iteration_std"])
         )
     dense = [r for r in table if r["control"] == "none" and r["step"] == 0]
-    name = f"{rows[0]['model']} on {rows[0]['data']}"
+    paths = {}
     paths["accuracy"] = line_plot(
         accuracy,
         out.parent / f"{out.name}-accuracy.png",
@@ -319,28 +314,6 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
         title=f"Early-stop iteration: {name}",
         logx=True,
     )
-    overlap = mask_overlaps(store)
-    if overlap:
-        paths["overlap"], paths["overlap_csv"] = write_table(
-            overlap,
-            [
-                "model",
-                "rewind",
-                "round",
-                "remaining %",
-                "seeds",
-                "across seeds",
-                "random expectation",
-                "with previous round",
-            ],
-            out.parent / f"{out.name}-overlap",
-            formats={
-                "remaining %": "{:.3g}",
-                "across seeds": ".4f",
-                "random expectation": ".4f",
-                "with previous round": ".4f",
-            },
-        )
     return paths
 
 
@@ -397,3 +370,31 @@ def mask_overlaps(store: RunStore) -> list[dict]:
             rows.append(row)
             previous = masks
     return rows
+
+
+EXPERIMENT_SPEC = register(
+    Experiment(
+        name=EXPERIMENT,
+        help="iterative magnitude pruning (lottery tickets) with its controls",
+        config=LotteryConfig,
+        axes=(
+            Axis("seed", "seeds", int, (0, 1, 2), "seeds"),
+            Axis(
+                "control",
+                "controls",
+                str,
+                ("none", "reinit", "random"),
+                "controls run beside the ticket: reinit, random",
+            ),
+        ),
+        sweep=sweep,
+        execute=execute,
+        report=report,
+    )
+)
+
+
+def run(results: str | Path, configs: list[LotteryConfig], progress: bool = True) -> RunStore:
+    """Execute the sweep into the run store at ``results`` (finished runs are skipped, a run
+    stopped halfway resumes at its last finished round)."""
+    return EXPERIMENT_SPEC.run(results, configs, progress)[0]

@@ -12,10 +12,11 @@ a fresh random initialisation and measures it (Wang et al. 2020, "Pruning from S
 
 The pruned networks are trained with the "Scratch-B" budget by default (Liu et al. 2019: as
 many training FLOPs as the dense schedule). The dense network trained with and without the
-slimming penalty is shared between the runs of one seed (stored once under
-``<results>/scratch/pretrained/``), and its training time is the "one full training run" the
-search costs are compared with; so are the gates Pruning from Scratch learns on a seed's
-random network (``<results>/scratch/gates/``), which serve every budget. A search costs the
+slimming penalty is shared between the runs of one seed (a run of its own in the store,
+experiment ``scratch-pretrained``, trained on first use and linked from the runs that use it),
+and its training time is the "one full training run" the search costs are compared with; so
+are the gates Pruning from Scratch learns on a seed's random network (``scratch-gates``),
+which serve every budget. A search costs the
 time its shared part took when it was computed, plus the selection. A run stores its
 structure (``structure.json``: spec, masks, widths) before training, so an interrupted run
 resumes after the search; the trained pruned network is saved as ``pruned.safetensors``
@@ -26,22 +27,21 @@ structure-correlation heatmaps from the store alone.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import winnow
+from winnow import models
 from winnow.experiments.common import load_data
+from winnow.experiments.registry import Axis, Experiment, register
 from winnow.experiments.report import aggregate, bar_plot, markdown_table, write_table
-from winnow.experiments.runner import run_sweep
-from winnow.experiments.store import Run, RunStore, config_id
-from winnow.io import atomic_write_bytes, load_tensors, save_tensors
-from winnow.io import tensor_metadata as read_metadata
+from winnow.experiments.store import Run, RunStore, check_run_seed
+from winnow.io import atomic_write_bytes
+from winnow.options import option
 from winnow.structured import (
     Structure,
     analyse,
@@ -61,7 +61,7 @@ from winnow.structured import (
     threshold_for_budget,
     uniform_structure,
 )
-from winnow.training import OPTIMIZERS, TrainConfig, train
+from winnow.training import TrainConfig, train
 
 EXPERIMENT = "scratch"
 METHODS = ("scratch", "slimming", "l1-filter", "uniform", "dense")
@@ -70,50 +70,55 @@ REINIT_SEED_OFFSET = 1_000_003
 WIDTH_MODELS = ("vgg", "resnet")
 
 
+def _dense_schedule() -> TrainConfig:
+    return TrainConfig(
+        epochs=20.0, batch_size=128, optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4
+    )
+
+
 @dataclass(frozen=True)
 class ScratchConfig:
     """One run: find a structure of ``model`` at ``budget`` with ``method``, train it anew.
 
     ``budget`` is the fraction of the dense FLOPs (MACs) kept (1.0 for ``dense``). ``width``
-    multiplies the zoo's widths (VGG and ResNet only) for a smaller dense network. ``epochs``
-    is the dense network's schedule (SGD, momentum, step decay by 10 at 50% and 75%); a
-    pruned network gets ``epochs · dense/pruned FLOPs`` with ``schedule="scratch-b"``, the
-    same epochs with ``"scratch-e"``. The ``gate_*`` fields set Pruning from Scratch's gate
-    learning, ``slimming`` the L1 strength on BatchNorm γ, ``round_to`` the multiple widths
-    are rounded up to; CPU latency is the median of ``latency_repeats`` forward passes at
-    batch ``latency_batch``.
+    multiplies the zoo's widths (VGG and ResNet only) for a smaller dense network. ``train``
+    is the dense network's schedule (its epochs, optimizer, rate; the rate decays by 10 at 50%
+    and 75%); a pruned network gets ``epochs · dense/pruned FLOPs`` with
+    ``schedule="scratch-b"``, the same epochs with ``"scratch-e"``. The ``gate_*`` fields set
+    Pruning from Scratch's gate learning, ``slimming`` the L1 strength on BatchNorm γ,
+    ``round_to`` the multiple widths are rounded up to; CPU latency is the median of
+    ``latency_repeats`` forward passes at batch ``latency_batch``.
     """
 
-    model: str = "vgg11"
-    data: str = "fashion-mnist"
-    method: str = "scratch"
-    budget: float = 0.5
-    seed: int = 0
-    width: float = 1.0
-    epochs: float = 20.0
-    schedule: str = "scratch-b"
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    gate_epochs: float = 10.0
-    gate_lr: float = 0.01
-    gate_ratio: float = 0.2
-    gate_penalty: float = 0.5
-    gate_l1: float = 0.0
-    slimming: float = 1e-4
-    l1_scope: str = "global"
-    round_to: int = 1
-    latency_batch: int = 64
-    latency_repeats: int = 20
-    data_limit: int | None = None
-    device: str = "cpu"
+    model: str = option("vgg11", help="a VGG or ResNet of `winnow models`")
+    data: str = option("fashion-mnist", help="a dataset of `winnow datasets`")
+    method: str = option("scratch", help="how the structure is found", choices=METHODS)
+    budget: float = option(0.5, help="fraction of the dense FLOPs kept")
+    seed: int = option(0, help="seeds the initialisation, the data split and order")
+    width: float = option(1.0, help="multiplier of the zoo's widths")
+    schedule: str = option(
+        "scratch-b", help="training budget of a pruned network", choices=SCHEDULES
+    )
+    train: TrainConfig = option(factory=_dense_schedule, help="the dense network's schedule")
+    gate_epochs: float = option(10.0, help="epochs of gate learning")
+    gate_lr: float = option(0.01, help="learning rate of gate learning (Adam)")
+    gate_ratio: float = option(0.2, help="r: the expected fraction of non-zero gates")
+    gate_penalty: float = option(0.5, help="strength of the penalty (mean|gate| - r)^2")
+    gate_l1: float = option(0.0, help="strength of the L1 penalty on the gates")
+    slimming: float = option(1e-4, help="network slimming's L1 strength on BatchNorm scales")
+    l1_scope: str = option(
+        "global", help="L1-filter ranking: global or per layer", choices=("global", "layer")
+    )
+    round_to: int = option(1, help="round widths up to a multiple of this")
+    latency_batch: int = option(64, help="batch of the latency measurement")
+    latency_repeats: int = option(20, help="timed forward passes per network")
+    data_limit: int | None = option(None, help="keep only the first N examples of each split")
+    device: str = option("cpu", help="where to train: cpu, cuda, cuda:1, ...")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if self.model not in winnow.models.available():
+        if self.model not in models.available():
             raise ValueError(f"unknown model {self.model!r}")
         if not 0 < self.budget <= 1:
             raise ValueError(
@@ -123,12 +128,13 @@ class ScratchConfig:
             raise ValueError("the dense method has budget 1.0")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}")
         if self.width != 1.0 and not self.model.startswith(WIDTH_MODELS):
             raise ValueError("a width multiplier applies to VGG and ResNet models only")
-        if not self.width > 0 or not self.epochs > 0 or not self.gate_epochs > 0:
-            raise ValueError("width, epochs and gate_epochs must be > 0")
+        if self.train.epochs is None:
+            raise ValueError("the scratch experiment's schedule is in epochs (set train.epochs)")
+        if not self.width > 0 or not self.gate_epochs > 0:
+            raise ValueError("width and gate_epochs must be > 0")
+        check_run_seed(self.train)
 
     def model_options(self) -> dict[str, Any]:
         """The zoo options for ``width`` (VGG ``widths``, ResNet ``width``)."""
@@ -137,20 +143,19 @@ class ScratchConfig:
         if self.model.startswith("resnet"):
             return {"width": max(1, round(16 * self.width))}
         with torch.device("meta"):
-            dense = winnow.models.create(self.model)
+            dense = models.create(self.model)
         convs = [m for m in dense.features if isinstance(m, torch.nn.Conv2d)]
         return {"widths": [max(1, round(m.out_channels * self.width)) for m in convs]}
 
     def train_config(self, epochs: float, train_size: int) -> TrainConfig:
-        """The training schedule for ``epochs`` epochs on ``train_size`` examples."""
-        total = math.ceil(epochs * math.ceil(train_size / self.batch_size))
-        return TrainConfig(
+        """The training schedule for ``epochs`` epochs on ``train_size`` examples: ``train``
+        with the rate divided by 10 at 50% and 75% of it, and the run's seed."""
+        batch = self.train.batch_size
+        total = math.ceil(epochs * math.ceil(train_size / batch))
+        return replace(
+            self.train,
             epochs=epochs,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
+            iterations=None,
             lr_schedule="step",
             milestones=(total // 2, (3 * total) // 4),
             gamma=0.1,
@@ -158,96 +163,32 @@ class ScratchConfig:
         )
 
 
+PRETRAINED = "scratch-pretrained"
+"""The store's experiment of the trained dense networks the slimming, L1-filter and dense
+runs share (one per seed and schedule, with and without the slimming penalty)."""
+GATES = "scratch-gates"
+"""The store's experiment of the gates Pruning from Scratch learns on one seed's random
+network, shared by every budget."""
+
+
 @dataclass(frozen=True)
-class _Pretrain:
-    """What identifies a trained dense network shared between runs."""
+class PretrainConfig:
+    """A dense network trained once and shared: its model, data, seed and schedule, and the
+    slimming penalty it was trained with (0 for none)."""
 
     model: str
     data: str
     seed: int
     width: float
-    epochs: float
-    batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
+    train: TrainConfig
     data_limit: int | None
     device: str
     strength: float
 
 
-def sweep(
-    model: str = "vgg11",
-    data: str = "fashion-mnist",
-    methods: tuple[str, ...] = ("scratch", "slimming", "l1-filter", "uniform"),
-    budgets: tuple[float, ...] = (0.5, 0.3),
-    seeds: tuple[int, ...] = (0, 1),
-    **options: Any,
-) -> list[ScratchConfig]:
-    """The runs of a sweep: a dense reference per seed, then every method x budget x seed
-    (budgets are fractions of the dense FLOPs, e.g. 0.5 for 50%)."""
-    configs = [
-        ScratchConfig(model=model, data=data, method="dense", budget=1.0, seed=s, **options)
-        for s in seeds
-    ]
-    for method in methods:
-        if method == "dense":
-            continue
-        for budget in budgets:
-            for seed in seeds:
-                configs.append(
-                    ScratchConfig(
-                        model=model, data=data, method=method, budget=budget, seed=seed, **options
-                    )
-                )
-    return configs
-
-
-def _pretrained(run: Run, config: ScratchConfig, data, spec: dict, strength: float):
-    """The dense network of this seed trained for ``config.epochs`` (with the slimming
-    penalty ``strength``), from the shared cache, trained and stored on first use."""
-    key = _Pretrain(
-        config.model,
-        config.data,
-        config.seed,
-        config.width,
-        config.epochs,
-        config.batch_size,
-        config.optimizer,
-        config.lr,
-        config.momentum,
-        config.weight_decay,
-        config.data_limit,
-        config.device,
-        strength,
-    )
-    path = run.dir.parent / "pretrained" / f"{config_id(key)}.safetensors"
-    model = rebuild(spec, seed=config.seed)
-    if path.is_file():
-        model.load_state_dict(load_tensors(path))
-        return model, read_metadata(path)
-    result = train(
-        model,
-        data,
-        config.train_config(config.epochs, len(data.y_train)),
-        regularizer=bn_l1(strength) if strength else None,
-        device=config.device,
-    )
-    model.to("cpu")
-    metrics = {
-        "test_acc": result.final["test_acc"],
-        "val_acc": result.final["val_acc"],
-        "seconds": result.seconds,
-        "iterations": result.iterations,
-    }
-    save_tensors(path, model.state_dict(), metadata=metrics)
-    return model, metrics
-
-
 @dataclass(frozen=True)
-class _Gates:
-    """What identifies the gates learned on one seed's random network (any budget)."""
+class GatesConfig:
+    """Gates learned once on one seed's random network and shared by every budget."""
 
     model: str
     data: str
@@ -263,46 +204,98 @@ class _Gates:
     device: str
 
 
+def sweep(
+    methods: tuple[str, ...] = ("scratch", "slimming", "l1-filter", "uniform"),
+    budgets: tuple[float, ...] = (0.5, 0.3),
+    seeds: tuple[int, ...] = (0, 1),
+    **fields: Any,
+) -> list[ScratchConfig]:
+    """The runs of a sweep: a dense reference per seed, then every method x budget x seed
+    (budgets are fractions of the dense FLOPs, e.g. 0.5 for 50%)."""
+    configs = [ScratchConfig(method="dense", budget=1.0, seed=s, **fields) for s in seeds]
+    for method in methods:
+        if method == "dense":
+            continue
+        for budget in budgets:
+            for seed in seeds:
+                configs.append(ScratchConfig(method=method, budget=budget, seed=seed, **fields))
+    return configs
+
+
+def _pretrained(run: Run, config: ScratchConfig, data, spec: dict, strength: float):
+    """The dense network of this seed trained on ``config.train`` (with the slimming penalty
+    ``strength``): a run of its own in the store, trained on first use; returns the network
+    and its metrics."""
+    key = PretrainConfig(
+        config.model, config.data, config.seed, config.width, config.train, config.data_limit,
+        config.device, strength,
+    )  # fmt: skip
+
+    def pretrain(shared: Run) -> None:
+        model = rebuild(spec, seed=config.seed)
+        result = train(
+            model,
+            data,
+            config.train_config(config.train.epochs, len(data.y_train)),
+            regularizer=bn_l1(strength) if strength else None,
+            device=config.device,
+        )
+        shared.save_tensors("weights.safetensors", model.to("cpu").state_dict())
+        shared.record(
+            "result",
+            0,
+            {
+                "test_acc": result.final["test_acc"],
+                "val_acc": result.final["val_acc"],
+                "seconds": result.seconds,
+                "iterations": result.iterations,
+            },
+        )
+
+    shared = run.store.ensure(PRETRAINED, key, pretrain)
+    run.link(shared)
+    model = rebuild(spec, seed=config.seed)
+    model.load_state_dict(shared.load_tensors("weights.safetensors"))
+    return model, shared.completed("result")[0]
+
+
 def _learned_gates(run: Run, config: ScratchConfig, data, model) -> tuple[dict, dict]:
-    """Pruning from Scratch's gates for this seed, learned once and shared by every budget
-    (stored under ``<results>/scratch/gates/``); returns the gates and what to record."""
-    key = _Gates(
-        config.model,
-        config.data,
-        config.seed,
-        config.width,
-        config.batch_size,
-        config.gate_epochs,
-        config.gate_lr,
-        config.gate_ratio,
-        config.gate_penalty,
-        config.gate_l1,
-        config.data_limit,
-        config.device,
-    )
-    path = run.dir.parent / "gates" / f"{config_id(key)}.safetensors"
-    if path.is_file():
-        return load_tensors(path), read_metadata(path)
-    found = learn_gates(
-        model,
-        data,
-        epochs=config.gate_epochs,
-        lr=config.gate_lr,
-        batch_size=config.batch_size,
-        ratio=config.gate_ratio,
-        penalty=config.gate_penalty,
-        l1=config.gate_l1,
-        seed=config.seed,
-        device=config.device,
-    )
-    extra = {
-        "gate_history": found.history,
-        "gate_chosen": found.chosen,
-        "gate_seconds": found.seconds,
-        "gate_iterations": found.iterations,
-    }
-    save_tensors(path, found.gates, metadata=extra)
-    return found.gates, extra
+    """Pruning from Scratch's gates for this seed: a run of its own in the store, learned once
+    and shared by every budget; returns the gates and what to record."""
+    key = GatesConfig(
+        config.model, config.data, config.seed, config.width, config.train.batch_size,
+        config.gate_epochs, config.gate_lr, config.gate_ratio, config.gate_penalty,
+        config.gate_l1, config.data_limit, config.device,
+    )  # fmt: skip
+
+    def learn(shared: Run) -> None:
+        found = learn_gates(
+            model,
+            data,
+            epochs=config.gate_epochs,
+            lr=config.gate_lr,
+            batch_size=config.train.batch_size,
+            ratio=config.gate_ratio,
+            penalty=config.gate_penalty,
+            l1=config.gate_l1,
+            seed=config.seed,
+            device=config.device,
+        )
+        shared.save_tensors("gates.safetensors", found.gates)
+        shared.record(
+            "gates",
+            0,
+            {
+                "gate_history": found.history,
+                "gate_chosen": found.chosen,
+                "gate_seconds": found.seconds,
+                "gate_iterations": found.iterations,
+            },
+        )
+
+    shared = run.store.ensure(GATES, key, learn)
+    run.link(shared)
+    return shared.load_tensors("gates.safetensors"), shared.completed("gates")[0]
 
 
 def _find_structure(run: Run, config: ScratchConfig, data, dense_spec: dict) -> dict:
@@ -375,13 +368,13 @@ def execute(run: Run) -> None:
     structure = Structure.from_dict(found["structure"])
     if config.method == "dense":
         model, metrics = _pretrained(run, config, data, dense_spec, 0.0)
-        epochs, seconds = config.epochs, float(metrics["seconds"])
+        epochs, seconds = config.train.epochs, float(metrics["seconds"])
         test_acc, val_acc = metrics["test_acc"], metrics["val_acc"]
     else:
         model = rebuild(found["spec"], seed=config.seed + REINIT_SEED_OFFSET)
-        epochs = config.epochs
+        epochs = config.train.epochs
         if config.schedule == "scratch-b":
-            epochs = scratch_b_epochs(config.epochs, structure.dense_flops, structure.flops)
+            epochs = scratch_b_epochs(config.train.epochs, structure.dense_flops, structure.flops)
         result = train(
             model,
             data,
@@ -422,13 +415,6 @@ def execute(run: Run) -> None:
             "threads": torch.get_num_threads(),
         },
     )
-
-
-def run(results: str | Path, configs: list[ScratchConfig], progress: bool = True) -> RunStore:
-    """Execute the sweep into the run store at ``results`` (finished runs are skipped)."""
-    store = RunStore(results)
-    run_sweep(store, EXPERIMENT, configs, execute, progress=progress)
-    return store
 
 
 def _pct(mean: float | None, std: float | None) -> str:
@@ -575,55 +561,31 @@ def _structure_report(store: RunStore, out: Path) -> dict[str, Path]:
     return paths
 
 
-def add_command(experiments: argparse._SubParsersAction) -> None:
-    """Add ``winnow experiment scratch`` to the ``experiment`` subcommands."""
-    parser = experiments.add_parser(
-        "scratch", help="Pruning from Scratch vs slimming, L1-filter and uniform at FLOPs budgets"
+EXPERIMENT_SPEC = register(
+    Experiment(
+        name=EXPERIMENT,
+        help="Pruning from Scratch vs slimming, L1-filter and uniform at FLOPs budgets",
+        config=ScratchConfig,
+        axes=(
+            Axis(
+                "method",
+                "methods",
+                str,
+                ("scratch", "slimming", "l1-filter", "uniform"),
+                "methods to compare (dense runs are added)",
+            ),
+            Axis(
+                "budget", "budgets", float, (0.5, 0.3), "percent of the dense FLOPs kept", unit=100
+            ),
+            Axis("seed", "seeds", int, (0, 1), "seeds"),
+        ),
+        sweep=sweep,
+        execute=execute,
+        report=report,
     )
-    parser.add_argument("--model", default="vgg11", help="a VGG or ResNet of `winnow models`")
-    parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--budgets", default="50,30", help="percent of the dense FLOPs kept")
-    parser.add_argument("--methods", default="scratch,slimming,l1-filter,uniform")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--epochs", type=float, default=20, help="the dense schedule")
-    parser.add_argument("--width", type=float, default=1.0, help="multiplier of the zoo widths")
-    parser.add_argument("--gate-epochs", type=float, default=10)
-    parser.add_argument("--schedule", choices=SCHEDULES, default="scratch-b")
-    parser.add_argument("--round-to", type=int, default=1, help="round widths up to a multiple")
-    parser.add_argument("--limit", type=int, help="keep only the first N examples of each split")
-    parser.add_argument("--latency-batch", type=int, default=64)
-    parser.add_argument("--latency-repeats", type=int, default=20)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--no-progress", action="store_true")
+)
 
 
-def command(args: argparse.Namespace) -> None:
-    """Run (``experiment scratch``) or report (``experiment report scratch``) from the CLI."""
-    from winnow.cli import csv_list
-
-    if args.experiment != "report":
-        configs = sweep(
-            model=args.model,
-            data=args.data,
-            methods=csv_list(args.methods),
-            budgets=tuple(b / 100 for b in csv_list(args.budgets, float)),
-            seeds=csv_list(args.seeds, int),
-            epochs=args.epochs,
-            width=args.width,
-            gate_epochs=args.gate_epochs,
-            schedule=args.schedule,
-            round_to=args.round_to,
-            data_limit=args.limit,
-            latency_batch=args.latency_batch,
-            latency_repeats=args.latency_repeats,
-            device=args.device,
-        )
-        print(f"{len(configs)} runs into {args.results} (finished runs are skipped)")
-        run(args.results, configs, progress=not args.no_progress)
-    paths = report(args.results)
-    print(paths["table"].read_text())
-    if "structures" in paths:
-        print(paths["structures"].read_text())
-    for name, path in paths.items():
-        print(f"{name}: {path}")
+def run(results: str | Path, configs: list[ScratchConfig], progress: bool = True) -> RunStore:
+    """Execute the sweep into the run store at ``results`` (finished runs are skipped)."""
+    return EXPERIMENT_SPEC.run(results, configs, progress)[0]

@@ -21,7 +21,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS runs (
     started REAL,
     finished REAL,
     error TEXT,
+    parent TEXT,
     PRIMARY KEY (experiment, run_id)
 );
 CREATE TABLE IF NOT EXISTS records (
@@ -214,6 +215,13 @@ class RunStore:
         self._pid = -1
         with self._db() as db:
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+            if "parent" not in columns:  # a store written by winnow 0.1
+                try:
+                    db.execute("ALTER TABLE runs ADD COLUMN parent TEXT")
+                except sqlite3.OperationalError as err:  # another process added it first
+                    if "duplicate column" not in str(err):
+                        raise
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
@@ -252,31 +260,76 @@ class RunStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def begin(self, experiment: str, config: Any) -> Run:
+    def begin(self, experiment: str, config: Any, parent: Run | None = None) -> Run:
         """Start (or restart) the run of ``config`` in ``experiment``; its status is 'running'.
 
         Writes ``config.json`` into the run directory, then upserts the run's row. A run that
         already exists keeps its ``started`` time and its records (so it can resume).
+        ``parent``: the run this one branches from (a control of a lottery ticket) or builds
+        on (a shared artefact such as pretrained weights), recorded with the run.
         """
         run_id = config_id(config)
         directory = self.run_dir(experiment, run_id)
         fields = config_to_dict(config)
+        link = None if parent is None else f"{parent.experiment}/{parent.run_id}"
         document = {
             "experiment": experiment,
             "run_id": run_id,
             "type": type(config).__name__,
             "config": fields,
+            "parent": link,
         }
         atomic_write_bytes(directory / "config.json", _dumps(document, indent=2).encode())
         with self._db() as db:
             db.execute(
-                "INSERT INTO runs (experiment, run_id, config, status, started) "
-                "VALUES (?, ?, ?, 'running', ?) "
+                "INSERT INTO runs (experiment, run_id, config, status, started, parent) "
+                "VALUES (?, ?, ?, 'running', ?, ?) "
                 "ON CONFLICT (experiment, run_id) DO UPDATE SET config = excluded.config, "
-                "status = 'running', finished = NULL, error = NULL",
-                (experiment, run_id, _dumps(fields), time.time()),
+                "status = 'running', finished = NULL, error = NULL, parent = excluded.parent",
+                (experiment, run_id, _dumps(fields), time.time(), link),
             )
         return Run(self, experiment, run_id, config, directory)
+
+    def open(self, experiment: str, config: Any) -> Run | None:
+        """A handle on the run of ``config`` in ``experiment`` if the store has one (any
+        status), without changing it; None otherwise."""
+        run_id = config_id(config)
+        if self.status(experiment, run_id) is None:
+            return None
+        return Run(self, experiment, run_id, config, self.run_dir(experiment, run_id))
+
+    def require(self, experiment: str, config: Any, why: str) -> Run:
+        """The finished run of ``config``; ``RuntimeError`` (saying ``why`` it is needed) if it
+        is not done."""
+        found = self.open(experiment, config)
+        if found is None or self.status(experiment, found.run_id) != "done":
+            raise RuntimeError(f"{why} needs run {experiment}/{config_id(config)} finished first")
+        return found
+
+    def ensure(
+        self,
+        experiment: str,
+        config: Any,
+        execute: Callable[[Run], None],
+        parent: Run | None = None,
+    ) -> Run:
+        """The finished run of ``config``, executing it first if it is not done: a shared
+        artefact (pretrained weights, learned gates) as a run of its own, with a status,
+        records and files, resumed like any run. A failure marks it failed and re-raises."""
+        found = self.open(experiment, config)
+        if found is not None and self.status(experiment, found.run_id) == "done":
+            return found
+        run = self.begin(experiment, config, parent)
+        try:
+            execute(run)
+        except BaseException as err:
+            if isinstance(err, Exception):
+                run.fail(f"{type(err).__name__}: {err}")
+            else:
+                run.interrupted()
+            raise
+        run.finish()
+        return run
 
     def status(self, experiment: str, run_id: str) -> str | None:
         """The status of a run ('running', 'done', 'failed', 'interrupted'), or None."""
@@ -299,16 +352,16 @@ class RunStore:
         """The runs of an experiment (optionally with one status), oldest first.
 
         Each is a dict with ``run_id``, ``status``, ``config`` (a dict), ``started``,
-        ``finished`` (Unix times) and ``error``.
+        ``finished`` (Unix times), ``error`` and ``parent`` (``experiment/run_id``, or None).
         """
         _check_status(status)
-        query = "SELECT run_id, status, config, started, finished, error FROM runs "
+        query = "SELECT run_id, status, config, started, finished, error, parent FROM runs "
         query += "WHERE experiment = ?" + (" AND status = ?" if status else "")
         query += " ORDER BY started, run_id"
         params = (experiment, status) if status else (experiment,)
         with self._db() as db:
             rows = db.execute(query, params).fetchall()
-        keys = ("run_id", "status", "config", "started", "finished", "error")
+        keys = ("run_id", "status", "config", "started", "finished", "error", "parent")
         return [dict(zip(keys, (*r[:2], json.loads(r[2]), *r[3:]), strict=True)) for r in rows]
 
     def records(
@@ -317,7 +370,8 @@ class RunStore:
         """Every record of an experiment, as flat rows ready for :func:`aggregate`.
 
         Each row is the record's data plus ``run_id``, ``kind`` and ``step``, plus the run's
-        configuration fields under their own names where the data has no such key. ``kind``
+        configuration fields under their own names where the data has no such key (nested
+        configurations as dotted keys, ``train.epochs``). ``kind``
         filters on the kind; ``status`` keeps the runs with that status (None: any status).
         Ordered by run start, run id, kind and step.
         """
@@ -342,7 +396,7 @@ class RunStore:
         for run_id, kind_, step, data, config in rows:
             row = {"run_id": run_id, "kind": kind_, "step": step, **json.loads(data)}
             if run_id not in configs:
-                configs[run_id] = json.loads(config)
+                configs[run_id] = flatten(json.loads(config))
             for key, value in configs[run_id].items():
                 row.setdefault(key, value)
             out.append(row)
@@ -353,6 +407,24 @@ class RunStore:
         with self._db() as db:
             rows = db.execute("SELECT DISTINCT experiment FROM runs ORDER BY experiment")
             return [r[0] for r in rows.fetchall()]
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A configuration dict with nested configurations as dotted keys (``train.epochs``)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_run_seed(train: Any) -> None:
+    """An experiment's nested training configuration takes the run's seed: its own must be
+    left at 0 (``ValueError`` otherwise, rather than a seed silently replaced)."""
+    if getattr(train, "seed", 0) != 0:
+        raise ValueError("set the run's seed, not train.seed (the run's seed is the training seed)")
 
 
 def _check_status(status: str | None) -> None:
@@ -417,6 +489,14 @@ class Run:
                 (self.experiment, self.run_id, kind),
             ).fetchall()
         return {step: json.loads(data) for step, data in rows}
+
+    def link(self, parent: Run) -> None:
+        """Record that this run branches from (or builds on) ``parent``."""
+        with self.store._db() as db:
+            db.execute(
+                "UPDATE runs SET parent = ? WHERE experiment = ? AND run_id = ?",
+                (f"{parent.experiment}/{parent.run_id}", self.experiment, self.run_id),
+            )
 
     def finish(self) -> None:
         """Mark the run 'done'."""

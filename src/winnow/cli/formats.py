@@ -14,18 +14,18 @@ from pathlib import Path
 
 from torch import Tensor
 
+from winnow.cli.command import Command
 from winnow.core.masks import Masks
 from winnow.formats import values as value_codecs
 from winnow.formats.checkpoint import (
     TensorInfo,
     encode_state,
     inspect_sparse,
-    is_sparse_checkpoint,
     load_sparse,
     save_sparse,
 )
 from winnow.formats.encodings import DTYPES, FORMATS, bound_bits
-from winnow.io import atomic_write_bytes
+from winnow.io import atomic_write_bytes, load_tensors, sniff
 
 RUN_WEIGHTS = ("final.safetensors", "weights.safetensors", "model.safetensors")
 """Weight files looked for, in this order, when ``pack`` is given a run directory."""
@@ -38,8 +38,6 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from winnow.io import load_tensors, sniff
 
     if path.is_dir():
         found = [path / name for name in RUN_WEIGHTS if (path / name).is_file()]
@@ -145,8 +143,14 @@ def _cmd_unpack(args: argparse.Namespace) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    if is_sparse_checkpoint(args.input):
+    kind = sniff(args.input)
+    if kind == "winnow.sparse":
         print(info_table(inspect_sparse(args.input)))
+        return
+    if kind == "winnow.masks":
+        masks = Masks.load(args.input)
+        print(f"{args.input} is a winnow mask file: {len(masks)} masks")
+        print(masks.summary())
         return
     state = read_state_dict(args.input)
     _, _, infos = encode_state(
@@ -156,30 +160,48 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(info_table(infos))
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``pack``, ``unpack`` and ``inspect`` to the subcommands of ``winnow``."""
-    choices = ("auto", *FORMATS)
-
-    def encoding_options(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--format", choices=choices, default="auto", help="(default: auto)")
-        parser.add_argument(
-            "--compress-values", action="store_true", help="zstd the values (or byte planes)"
-        )
-        parser.add_argument("--level", type=int, default=value_codecs.DEFAULT_LEVEL)
-
-    pack = sub.add_parser("pack", help="write a state_dict as a sparse checkpoint")
-    pack.add_argument("input", type=Path, help="a safetensors state_dict, or a run directory")
-    pack.add_argument("--out", type=Path, required=True, help="the sparse checkpoint to write")
-    pack.add_argument("--masks", type=Path, help="zero what these masks prune before packing")
-    encoding_options(pack)
-
-    unpack = sub.add_parser("unpack", help="a sparse checkpoint back to a safetensors state_dict")
-    unpack.add_argument("input", type=Path, help="a sparse checkpoint (winnow pack)")
-    unpack.add_argument("--out", type=Path, required=True, help="the safetensors file to write")
-
-    inspect = sub.add_parser("inspect", help="per tensor: format, density, bytes, x bound")
-    inspect.add_argument("input", type=Path, help="a sparse checkpoint or a state_dict")
-    encoding_options(inspect)
+def _encoding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format", choices=("auto", *FORMATS), default="auto", help="(default: auto)"
+    )
+    parser.add_argument(
+        "--compress-values", action="store_true", help="zstd the values (or byte planes)"
+    )
+    parser.add_argument(
+        "--level", type=int, default=value_codecs.DEFAULT_LEVEL,
+        help=f"zstd level (default: {value_codecs.DEFAULT_LEVEL})",
+    )  # fmt: skip
 
 
-COMMANDS = {"pack": _cmd_pack, "unpack": _cmd_unpack, "inspect": _cmd_inspect}
+def _pack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="a safetensors state_dict, or a run directory")
+    parser.add_argument("--out", type=Path, required=True, help="the sparse checkpoint to write")
+    parser.add_argument("--masks", type=Path, help="zero what these masks prune before packing")
+    _encoding_options(parser)
+
+
+def _unpack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="a sparse checkpoint (winnow pack)")
+    parser.add_argument("--out", type=Path, required=True, help="the safetensors file to write")
+
+
+def _inspect_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", type=Path, help="a sparse checkpoint, mask file or state_dict")
+    _encoding_options(parser)
+
+
+COMMANDS = (
+    Command("pack", "write a state_dict as a sparse checkpoint", _pack_options, _cmd_pack),
+    Command(
+        "unpack",
+        "a sparse checkpoint back to a safetensors state_dict",
+        _unpack_options,
+        _cmd_unpack,
+    ),  # fmt: skip
+    Command(
+        "inspect",
+        "per tensor: format, density, bytes, x bound (or a mask file's summary)",
+        _inspect_options,
+        _cmd_inspect,
+    ),  # fmt: skip
+)

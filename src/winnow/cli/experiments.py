@@ -1,0 +1,72 @@
+"""``winnow experiment <name>`` and ``winnow experiment report <name>``, generated from the
+experiments' descriptions (:mod:`winnow.experiments.registry`): every axis of a sweep is a
+comma-separated list option, every other configuration field an option of its own."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from winnow.cli.commands import print_report
+from winnow.cli.options import add_config_options, config_from_args, csv_list
+
+
+def add_experiments(parser: argparse.ArgumentParser) -> None:
+    from winnow.experiments import EXPERIMENTS
+
+    sub = parser.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for experiment in EXPERIMENTS.values():
+        one = sub.add_parser(
+            experiment.name,
+            help=experiment.help,
+            description=experiment.help,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for axis in experiment.axes:
+            one.add_argument(
+                f"--{axis.option}",
+                dest=f"axis.{axis.field}",
+                metavar=f"{axis.kind.__name__.upper()},...",
+                type=lambda text, kind=axis.kind: csv_list(text, kind),
+                help=f"{axis.help}, comma-separated (default: {axis.shown_default()})",
+            )
+        add_config_options(one, experiment.config, skip={a.field for a in experiment.axes})
+        _common(one)
+    report = sub.add_parser("report", help="rebuild tables and plots from the run store")
+    report.add_argument("name", choices=tuple(EXPERIMENTS), help="the experiment")
+    report.add_argument(
+        "--results", type=Path, default=Path("results"), help="the run store (default: results)"
+    )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--results", type=Path, default=Path("results"), help="the run store (default: results)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def run_experiment(args: argparse.Namespace) -> None:
+    from winnow.experiments import EXPERIMENTS
+
+    if args.experiment == "report":
+        print_report(EXPERIMENTS[args.name].report(args.results))
+        return
+    experiment = EXPERIMENTS[args.experiment]
+    given = vars(args)
+    axes = {a.option: a.values(given.get(f"axis.{a.field}")) for a in experiment.axes}
+    swept = {a.field: a.default[0] for a in experiment.axes}  # placeholders: the sweep sets them
+    base = config_from_args(experiment.config, args, **swept)
+    fields = {
+        f.name: getattr(base, f.name)
+        for f in dataclasses.fields(experiment.config)
+        if f.init and f.name not in swept
+    }
+    configs = experiment.sweep(**axes, **fields)
+    print(f"{len(configs)} runs into {args.results} (finished runs are skipped)")
+    experiment.run(args.results, configs, progress=not args.no_progress)
+    paths = experiment.report(args.results)
+    print_report(paths)
+    if "structures" in paths:
+        print(paths["structures"].read_text())
