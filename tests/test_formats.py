@@ -21,7 +21,8 @@ from winnow.formats import (
     index_bits_per_nonzero,
     log2_binomial,
 )
-from winnow.formats.encodings import decode_positions, get_format
+from winnow.formats.codec import decode_positions
+from winnow.formats.encodings import get_format
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8)
 SHAPES = ((), (0,), (1,), (37,), (13, 17), (2, 3, 4, 5), (5, 0))

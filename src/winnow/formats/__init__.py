@@ -8,14 +8,14 @@ fixed format is best everywhere; the lower bound for the index is ``log₂ C(n, 
   ``csc`` and ``entropy`` (Golomb-coded gaps or enumerative blocks, within about 1.5% of the
   bound at every density), each an encoder, a decoder and an exact size model
   (:mod:`winnow.formats.encodings`).
-- :func:`encode` / :func:`decode`: one tensor to streams and back, bitwise exactly, for float64,
-  float32, float16, bfloat16, integer and bool tensors.
+- :func:`encode` / :func:`decode` (:mod:`.codec`): one tensor to streams and back, bitwise
+  exactly, for float64, float32, float16, bfloat16, integer and bool tensors.
 - :func:`format_sizes` / :func:`choose_format`: exact bytes per format without encoding, and
   the smallest.
 - :func:`save_sparse` / :func:`load_sparse`: a state_dict to one safetensors file of encoded
   streams with checksummed JSON metadata, and back; loading never unpickles and reports any
   corruption as :class:`SparseFileError`. :func:`inspect_sparse` reads the header only.
-- ``winnow pack | unpack | inspect``: the same from the command line (:mod:`.cli`).
+- ``winnow pack | unpack | inspect``: the same from the command line (:mod:`winnow.cli.formats`).
 """
 
 from winnow.formats.checkpoint import (
@@ -26,15 +26,8 @@ from winnow.formats.checkpoint import (
     save_sparse,
 )
 from winnow.formats.choose import choose_format, format_sizes, index_bits_per_nonzero
-from winnow.formats.encodings import (
-    DTYPES,
-    FORMATS,
-    Encoded,
-    SparseView,
-    bound_bits,
-    decode,
-    encode,
-)
+from winnow.formats.codec import decode, encode
+from winnow.formats.encodings import DTYPES, FORMATS, Encoded, SparseView, bound_bits
 from winnow.formats.entropy import log2_binomial
 from winnow.formats.errors import SparseFileError
 

@@ -35,16 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from winnow.formats import values as value_codecs
-from winnow.formats.encodings import (
-    DTYPES,
-    FORMATS,
-    SparseView,
-    assemble,
-    bound_bits,
-    decode_positions,
-    dtype_name,
-    encode,
-)
+from winnow.formats.codec import assemble, decode_positions, encode
+from winnow.formats.encodings import DTYPES, FORMATS, SparseView, bound_bits, dtype_name
 from winnow.formats.errors import SparseFileError
 from winnow.io import read_container, sniff, to_json, write_container
 

@@ -62,7 +62,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 """The dtypes a tensor may have, by the name files use."""
 
-_WORDS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
+WORDS = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -98,7 +98,7 @@ class SparseView:
         dtype_name(tensor.dtype)
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         raw = flat.view(torch.uint8).numpy()
-        words = raw.view(_WORDS[flat.element_size()])
+        words = raw.view(WORDS[flat.element_size()])
         positions = np.flatnonzero(words)
         return cls(tuple(tensor.shape), tensor.dtype, words, positions.astype(np.int64))
 
@@ -440,72 +440,6 @@ def get_format(name: str) -> Format:
     return FORMATS[name]
 
 
-def _view(tensor: Tensor | SparseView) -> SparseView:
-    return tensor if isinstance(tensor, SparseView) else SparseView.of(tensor)
-
-
-def encode(tensor: Tensor | SparseView, format: str, **options: Any) -> Encoded:
-    """Encode ``tensor`` in ``format`` (a name of :data:`FORMATS`; ``"auto"`` picks the smallest).
-
-    Options: ``width`` for ``padded-delta`` (default: the width with the smallest index).
-    """
-    view = _view(tensor)
-    if format == "auto":
-        from winnow.formats.choose import choose_format
-
-        format = choose_format(view)
-    fmt = get_format(format)
-    unknown = set(options) - set(fmt.options)
-    if unknown:
-        raise ValueError(f"format {format!r} takes no option {sorted(unknown)}")
-    params, streams, order = fmt.encode(view, **options)
-    values = (view.words if order is None else view.words[order]).view(np.uint8)
-    return Encoded(format, view.shape, view.dtype, view.m, params, streams, values)
-
-
-def decode_positions(
-    format: str, streams: dict[str, np.ndarray], params: dict[str, Any], shape, m: int
-) -> np.ndarray | None:
-    """Positions (row-major flat indices, in value order) of an encoded index; checks it.
-
-    ``None`` for ``dense``: every position, in order.
-    """
-    if not isinstance(format, str) or format not in FORMATS:
-        raise SparseFileError(f"unknown format {format!r} (known: {', '.join(FORMATS)})")
-    if not isinstance(params, dict):
-        raise SparseFileError(f"{format}: parameters must be a mapping")
-    if not 0 <= m <= math.prod(shape):
-        raise SparseFileError(f"{format}: {m} non-zeros do not fit in shape {tuple(shape)}")
-    positions = FORMATS[format].decode(streams, params, tuple(shape), m)
-    if positions is not None and positions.size != m:
-        raise SparseFileError(f"{format}: the index holds {positions.size} positions")
-    return positions
-
-
-def assemble(
-    positions: np.ndarray | None, values: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype
-) -> Tensor:
-    """The tensor with ``values`` (raw little-endian words as uint8) at ``positions``.
-
-    ``positions=None``: ``values`` holds every element, in order.
-    """
-    word = _WORDS[torch.empty((), dtype=dtype).element_size()]
-    if positions is None:
-        words = values.view(word).copy()
-    else:
-        words = np.zeros(math.prod(shape), word)
-        words[positions] = values.view(word)
-    return torch.from_numpy(words.view(np.uint8)).view(dtype).reshape(shape)
-
-
-def decode(encoded: Encoded) -> Tensor:
-    """The tensor an :class:`Encoded` holds (bitwise identical to the encoded one)."""
-    positions = decode_positions(
-        encoded.format, encoded.streams, encoded.params, encoded.shape, encoded.nnz
-    )
-    return assemble(positions, encoded.values, encoded.shape, encoded.dtype)
-
-
 def value_bits(dtype: torch.dtype) -> int:
     """Bits of one value of ``dtype``."""
     return 8 * torch.empty((), dtype=dtype).element_size()
@@ -522,12 +456,8 @@ __all__ = [
     "Encoded",
     "Format",
     "SparseView",
-    "assemble",
     "bound_bits",
-    "decode",
-    "decode_positions",
     "dtype_name",
-    "encode",
     "get_format",
     "matrix_shape",
     "value_bits",
