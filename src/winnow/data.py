@@ -553,49 +553,15 @@ def load(
     key = name.lower().replace("_", "-")
     if key not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available())}")
-    spec = _REGISTRY[key]
-    parameters = inspect.signature(spec.loader).parameters
-    accepted = set(parameters) - {"root"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) for {key}: {', '.join(unknown)}; "
-            f"accepted: {', '.join(sorted(accepted)) or 'none'}"
-        )
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    if "root" in parameters:
-        options["root"] = root
-    raw = spec.loader(**options)
-
-    n = len(raw.y_train)
-    if val_size is None:
-        default = spec.default_val
-        val_size = int(default * n) if isinstance(default, float) else default
-    if not 0 <= val_size < n:
-        raise ValueError(
-            f"val_size must be in [0, {n}) for {key}'s {n} training examples, got {val_size}"
-        )
-    x_train, y_train = raw.x_train, raw.y_train
-    x_val, y_val = x_train[:0], y_train[:0]
-    if val_size:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
-        x_val, y_val = x_train[val_idx], y_train[val_idx]
-        x_train, y_train = x_train[train_idx], y_train[train_idx]
-
+    raw = _read(key, root, options)
+    x_train, y_train, x_val, y_val = _hold_out(key, raw, val_size, seed)
     xs = [_first(t, limit) for t in (x_train, x_val, raw.x_test)]
     ys = [_first(t, limit) for t in (y_train, y_val, raw.y_test)]
     mean = std = None
     if normalize:
-        # statistics of the whole training split (before limit), over all axes but channels;
-        # a constant channel is only centred
-        dims = [0, *range(2, x_train.ndim)]
-        var, mu = torch.var_mean(x_train, dim=dims, correction=0)
-        sigma = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
-        mean, std = tuple(mu.tolist()), tuple(sigma.tolist())
-        shape = (1, -1) + (1,) * (x_train.ndim - 2)
-        xs = [(x - mu.reshape(shape)) / sigma.reshape(shape) for x in xs]
+        xs, mean, std = _standardised(xs, x_train)
     return DataSplits(
         name=key,
         x_train=xs[0],
@@ -609,6 +575,52 @@ def load(
         mean=mean,
         std=std,
     )
+
+
+def _read(key: str, root: str | Path | None, options: dict[str, Any]) -> _Raw:
+    """Call the dataset's loader with its options (``ValueError`` for one it does not take)."""
+    loader = _REGISTRY[key].loader
+    parameters = inspect.signature(loader).parameters
+    accepted = set(parameters) - {"root"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) for {key}: {', '.join(unknown)}; "
+            f"accepted: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    if "root" in parameters:
+        options = {**options, "root": root}
+    return loader(**options)
+
+
+def _hold_out(key: str, raw: _Raw, val_size: int | None, seed: int):
+    """(x_train, y_train, x_val, y_val): ``val_size`` training examples (the dataset's default
+    when None) held out for validation by a permutation seeded with ``seed``."""
+    n = len(raw.y_train)
+    if val_size is None:
+        default = _REGISTRY[key].default_val
+        val_size = int(default * n) if isinstance(default, float) else default
+    if not 0 <= val_size < n:
+        raise ValueError(
+            f"val_size must be in [0, {n}) for {key}'s {n} training examples, got {val_size}"
+        )
+    x_train, y_train = raw.x_train, raw.y_train
+    if not val_size:
+        return x_train, y_train, x_train[:0], y_train[:0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_size].sort().values, order[val_size:].sort().values
+    return x_train[train_idx], y_train[train_idx], x_train[val_idx], y_train[val_idx]
+
+
+def _standardised(xs: list[torch.Tensor], x_train: torch.Tensor):
+    """``xs`` standardised per channel with the statistics of the whole training split
+    (before any limit; a constant channel is only centred); and the mean and std used."""
+    dims = [0, *range(2, x_train.ndim)]
+    var, mu = torch.var_mean(x_train, dim=dims, correction=0)
+    sigma = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+    shape = (1, -1) + (1,) * (x_train.ndim - 2)
+    xs = [(x - mu.reshape(shape)) / sigma.reshape(shape) for x in xs]
+    return xs, tuple(mu.tolist()), tuple(sigma.tolist())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,106 +260,122 @@ def analyse(model: nn.Module, input_shape: Sequence[int]) -> Analysis:
     """Trace ``model`` and find its channel groups (see :func:`find_groups`)."""
     input_shape = tuple(int(s) for s in input_shape)
     graph = trace(model)
-    shapes = node_shapes(graph, input_shape)
-    spaces = _Spaces()
-    where: dict[fx.Node, tuple[int, int]] = {}  # node -> (space, features per channel)
-    calls: dict[str, int] = {}
+    walk = _Walk(graph, node_shapes(graph, input_shape))
+    for node in graph.graph.nodes:
+        walk.visit(node)
+    groups = _groups(graph, walk.spaces, walk.calls)
+    return Analysis(graph, groups, walk.shapes, walk.channels(groups), input_shape)
 
-    def tensors(node: fx.Node) -> list[fx.Node]:
+
+class _Walk:
+    """One pass over a traced graph: which channel space every tensor's dimension 1 belongs
+    to (``where``: node -> (space, features per channel)), what reads and writes each space,
+    and why a space cannot be pruned."""
+
+    def __init__(self, graph: fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.graph, self.shapes = graph, shapes
+        self.spaces = _Spaces()
+        self.where: dict[fx.Node, tuple[int, int]] = {}
+        self.calls: dict[str, int] = {}
+
+    def tensors(self, node: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
         fx.node.map_arg((node.args, node.kwargs), found.append)
-        return [a for a in found if a in where]
+        return [a for a in found if a in self.where]
 
-    def block_inputs(node: fx.Node, reason: str) -> None:
-        for arg in tensors(node):
-            spaces.block(where[arg][0], reason)
+    def block_inputs(self, node: fx.Node, reason: str) -> None:
+        for arg in self.tensors(node):
+            self.spaces.block(self.where[arg][0], reason)
 
-    def fresh(node: fx.Node, reason: str | None = None) -> None:
-        shape = shapes.get(node.name)
+    def fresh(self, node: fx.Node, reason: str | None = None) -> None:
+        shape = self.shapes.get(node.name)
         if shape is not None and len(shape) >= 2:
-            where[node] = (spaces.new(shape[1], reason), 1)
+            self.where[node] = (self.spaces.new(shape[1], reason), 1)
 
-    def same(node: fx.Node, source: fx.Node) -> None:
-        where[node] = where[source]
-
-    for node in graph.graph.nodes:
-        shape = shapes.get(node.name)
+    def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            fresh(node, "the model's input")
-            continue
-        if node.op == "get_attr":
-            fresh(node, f"a constant tensor ({node.target}) is used")
-            continue
-        if node.op == "output":
-            block_inputs(node, "the model's output")
-            continue
-        inputs = tensors(node)
+            self.fresh(node, "the model's input")
+        elif node.op == "get_attr":
+            self.fresh(node, f"a constant tensor ({node.target}) is used")
+        elif node.op == "output":
+            self.block_inputs(node, "the model's output")
+        elif node.op == "call_module":
+            self.module(node)
+        elif self.shapes.get(node.name) is not None:  # not a size, a shape or another value
+            self.function(node)
+
+    def _first(self, node: fx.Node) -> fx.Node | None:
+        """The node's first argument if it is a tensor whose channels are known."""
         first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        known = first is not None and first in where
-        if node.op == "call_module":
-            module = graph.get_submodule(node.target)
-            calls[node.target] = calls.get(node.target, 0) + 1
-            kind = type(module)
-            if kind in CONVS and module.groups == 1 and known:
-                space, factor = where[first]
-                if factor == 1:
-                    spaces.spaces[space].consumers.append((node.target, 1))
-                else:
-                    spaces.block(space, f"{node.target} convolves a reshaped tensor")
-                where[node] = (spaces.new(module.out_channels), 1)
-                spaces.spaces[where[node][0]].producers.append(node.target)
-            elif kind is nn.Linear and known and len(shapes[first.name]) == 2:
-                space, factor = where[first]
-                if shapes[first.name][1] == spaces.spaces[space].size * factor:
-                    spaces.spaces[space].consumers.append((node.target, factor))
-                else:
-                    spaces.block(space, f"{node.target} reads a tensor of unexpected size")
-                where[node] = (spaces.new(module.out_features), 1)
-                spaces.spaces[where[node][0]].producers.append(node.target)
-            elif kind in NORMS and known and where[first][1] == 1:
-                same(node, first)
-                spaces.spaces[where[node][0]].norms.append(node.target)
-            elif isinstance(module, ZERO_PRESERVING_MODULES) and known:
-                same(node, first)
-            elif kind is nn.Flatten and known:
-                _flatten(node, first, shapes, where, spaces)
+        return first if first is not None and first in self.where else None
+
+    def _produce(self, node: fx.Node, size: int, target: str) -> None:
+        self.where[node] = (self.spaces.new(size), 1)
+        self.spaces.spaces[self.where[node][0]].producers.append(target)
+
+    def module(self, node: fx.Node) -> None:
+        module = self.graph.get_submodule(node.target)
+        self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        kind, first = type(module), self._first(node)
+        spaces, where = self.spaces, self.where
+        if kind in CONVS and module.groups == 1 and first is not None:
+            space, factor = where[first]
+            if factor == 1:
+                spaces.spaces[space].consumers.append((node.target, 1))
             else:
-                what = "grouped convolution" if kind in CONVS else f"{kind.__name__}, unsupported"
-                block_inputs(node, f"{node.target} ({what}) reads it")
-                fresh(node, f"it comes out of {node.target} ({what})")
-            continue
-        # call_function / call_method
-        target = node.target
-        if shape is None:
-            continue  # a size, a shape or another non-tensor value
-        if target in RESHAPES and known:
-            _flatten(node, first, shapes, where, spaces)
-        elif target in ZERO_PRESERVING_FUNCTIONS | ZERO_PRESERVING_METHODS and known:
-            same(node, first)
-        elif target in REDUCTIONS and known and _spatial_reduction(node, shapes[first.name]):
-            same(node, first)
+                spaces.block(space, f"{node.target} convolves a reshaped tensor")
+            self._produce(node, module.out_channels, node.target)
+        elif kind is nn.Linear and first is not None and len(self.shapes[first.name]) == 2:
+            space, factor = where[first]
+            if self.shapes[first.name][1] == spaces.spaces[space].size * factor:
+                spaces.spaces[space].consumers.append((node.target, factor))
+            else:
+                spaces.block(space, f"{node.target} reads a tensor of unexpected size")
+            self._produce(node, module.out_features, node.target)
+        elif kind in NORMS and first is not None and where[first][1] == 1:
+            where[node] = where[first]
+            spaces.spaces[where[node][0]].norms.append(node.target)
+        elif isinstance(module, ZERO_PRESERVING_MODULES) and first is not None:
+            where[node] = where[first]
+        elif kind is nn.Flatten and first is not None:
+            _flatten(node, first, self.shapes, where, spaces)
+        else:
+            what = "grouped convolution" if kind in CONVS else f"{kind.__name__}, unsupported"
+            self.block_inputs(node, f"{node.target} ({what}) reads it")
+            self.fresh(node, f"it comes out of {node.target} ({what})")
+
+    def function(self, node: fx.Node) -> None:
+        target, first, inputs = node.target, self._first(node), self.tensors(node)
+        if target in RESHAPES and first is not None:
+            _flatten(node, first, self.shapes, self.where, self.spaces)
+        elif target in ZERO_PRESERVING_FUNCTIONS | ZERO_PRESERVING_METHODS and first is not None:
+            self.where[node] = self.where[first]
+        elif (
+            target in REDUCTIONS
+            and first is not None
+            and _spatial_reduction(node, self.shapes[first.name])
+        ):
+            self.where[node] = self.where[first]
         elif target in ADDS | ADD_METHODS | MULS | MUL_METHODS and inputs:
-            _binary(node, target, inputs, shapes, where, spaces)
+            _binary(node, target, inputs, self.shapes, self.where, self.spaces)
         else:
             label = getattr(target, "__name__", str(target))
-            block_inputs(node, f"{label} ({node.name}, unsupported) reads it")
-            fresh(node, f"it comes out of {label} ({node.name})")
+            self.block_inputs(node, f"{label} ({node.name}, unsupported) reads it")
+            self.fresh(node, f"it comes out of {label} ({node.name})")
 
-    groups = _groups(graph, spaces, calls)
-    names = {}
-    for group in groups:
-        for producer in group.producers:
-            names[producer] = group.name
-    root_name: dict[int, str] = {}
-    for node, (space, _) in where.items():
-        if node.op == "call_module" and node.target in names:
-            root_name.setdefault(spaces.find(space), names[node.target])
-    channels = {}
-    for node, (space, factor) in where.items():
-        name = root_name.get(spaces.find(space))
-        if name is not None:
-            channels[node.name] = (name, factor)
-    return Analysis(graph, groups, shapes, channels, input_shape)
+    def channels(self, groups: list[ChannelGroup]) -> dict[str, tuple[str, int]]:
+        """Node name -> (its channel group, features per channel), for the grouped nodes."""
+        names = {producer: group.name for group in groups for producer in group.producers}
+        root_name: dict[int, str] = {}
+        for node, (space, _) in self.where.items():
+            if node.op == "call_module" and node.target in names:
+                root_name.setdefault(self.spaces.find(space), names[node.target])
+        channels = {}
+        for node, (space, factor) in self.where.items():
+            name = root_name.get(self.spaces.find(space))
+            if name is not None:
+                channels[node.name] = (name, factor)
+        return channels
 
 
 def _spatial_reduction(node: fx.Node, before: tuple[int, ...]) -> bool:
