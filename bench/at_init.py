@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from winnow import TrainConfig
 from winnow.experiments import at_init
 
 
@@ -32,8 +33,7 @@ def main() -> None:
         model=args.model,
         data=args.data,
         seeds=tuple(int(s) for s in args.seeds.split(",")),
-        epochs=args.epochs,
-        lr=args.lr,
+        train=TrainConfig(epochs=args.epochs, lr=args.lr),
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {len(configs)} runs")
     start = time.perf_counter()

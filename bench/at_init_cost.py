@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch import nn
 
-import winnow.schedules.at_init as schedules
+import winnow.schedules.pruner as schedules
 from winnow import criteria, models, prunable_parameters
 from winnow.core._topk import Survivors
 from winnow.schedules import LayerCollapseWarning, prune_at_init
@@ -94,7 +94,7 @@ def bench(name: str, repeat: int, synflow_repeat: int) -> None:
 
         return wrapper
 
-    zero = timed(schedules._zero)
+    zero = timed(schedules.zero_removed)
 
     def zero_then_unit(*args, **kwargs):
         zero(*args, **kwargs)  # the last call of a round
@@ -121,13 +121,13 @@ def bench(name: str, repeat: int, synflow_repeat: int) -> None:
             warnings.simplefilter("ignore", LayerCollapseWarning)
             prune_at_init(model, "synflow", 0.5, input_shape=(3, 32, 32), rounds=2)
         warm_ups.append(time.perf_counter() - start)
-    originals = Survivors.select, schedules._zero
-    Survivors.select, schedules._zero = timed(Survivors.select), zero_then_unit
+    originals = Survivors.select, schedules.zero_removed
+    Survivors.select, schedules.zero_removed = timed(Survivors.select), zero_then_unit
     try:
         single_pass()  # warm-up
         synflow = [synflow_run() for _ in range(synflow_repeat)]
     finally:
-        Survivors.select, schedules._zero = originals
+        Survivors.select, schedules.zero_removed = originals
     params = sum(w.numel() for w in weights)
     print(
         f"{name}: {params:,} prunable weights; batch pass {snip[0][1] * 1e3:.0f} ms, "

@@ -36,6 +36,7 @@ from torch import nn
 import winnow
 from winnow.experiments import lottery
 from winnow.schedules import lottery_rates
+from winnow.training import TrainConfig
 
 EXPERIMENTS = {
     "lenet300": dict(
@@ -43,20 +44,14 @@ EXPERIMENTS = {
         data="fashion-mnist",
         rounds=18,
         rate=0.2,
-        iterations=3000,
-        eval_every=250,
-        batch_size=60,
-        lr=1.2e-3,
+        train=TrainConfig(iterations=3000, eval_every=250, batch_size=60, lr=1.2e-3),
     ),
     "mnist1d": dict(
         model="mlp1d",
         data="mnist1d",
         rounds=18,
         rate=0.2,
-        iterations=3000,
-        eval_every=250,
-        batch_size=100,
-        lr=1e-2,
+        train=TrainConfig(iterations=3000, eval_every=250, batch_size=100, lr=1e-2),
     ),
     "rewind": dict(
         model="lenet5",
@@ -64,10 +59,7 @@ EXPERIMENTS = {
         rounds=10,
         rate=0.2,
         scope="global",
-        iterations=3000,
-        eval_every=250,
-        batch_size=60,
-        lr=1.2e-3,
+        train=TrainConfig(iterations=3000, eval_every=250, batch_size=60, lr=1.2e-3),
     ),
 }
 REWINDS = (0, 150)
@@ -154,10 +146,7 @@ def measure_cost(repeat: int) -> None:
         data="fashion-mnist",
         rounds=3,
         rate=0.2,
-        iterations=1000,
-        eval_every=250,
-        batch_size=60,
-        lr=1.2e-3,
+        train=TrainConfig(iterations=1000, eval_every=250, batch_size=60, lr=1.2e-3),
     )
     data = winnow.data.load("fashion-mnist", seed=0)
     lottery.load_data("fashion-mnist", 0, None)  # the framework's cached copy, loaded once

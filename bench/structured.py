@@ -33,6 +33,7 @@ import argparse
 import copy
 import importlib.metadata
 import time
+from dataclasses import replace
 
 import torch
 from torch.fx.experimental.optimization import optimize_for_inference
@@ -176,7 +177,7 @@ def accuracy(args: argparse.Namespace) -> None:
         data=args.data,
         budgets=tuple(args.budgets),
         seeds=tuple(args.seeds),
-        epochs=args.epochs,
+        train=replace(experiment.ScratchConfig().train, epochs=args.epochs),
         width=args.width,
         gate_epochs=args.gate_epochs,
         data_limit=args.limit,
