@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -214,14 +215,18 @@ class RunStore:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         with self._db() as db:
-            db.executescript(_SCHEMA)
-            columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
-            if "parent" not in columns:  # a store written by winnow 0.1
-                try:
-                    db.execute("ALTER TABLE runs ADD COLUMN parent TEXT")
-                except sqlite3.OperationalError as err:  # another process added it first
-                    if "duplicate column" not in str(err):
-                        raise
+            _while_locked(lambda: self._create_schema(db))
+
+    @staticmethod
+    def _create_schema(db: sqlite3.Connection) -> None:
+        db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+        if "parent" not in columns:  # a store written by winnow 0.1
+            try:
+                db.execute("ALTER TABLE runs ADD COLUMN parent TEXT")
+            except sqlite3.OperationalError as err:  # another process added it first
+                if "duplicate column" not in str(err):
+                    raise
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
@@ -238,9 +243,12 @@ class RunStore:
         with self._lock:
             if self._conn is None or self._pid != os.getpid():
                 conn = sqlite3.connect(
-                    self.database, timeout=60, isolation_level=None, check_same_thread=False
-                )
-                conn.execute("PRAGMA journal_mode=WAL")
+                    self.database, timeout=LOCK_TIMEOUT, isolation_level=None,
+                    check_same_thread=False,
+                )  # fmt: skip
+                # switching a new database to WAL takes an exclusive lock that SQLite does not
+                # wait for (several processes opening one fresh store got "database is locked")
+                _while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
                 conn.execute("PRAGMA synchronous=NORMAL")
                 self._conn, self._pid = conn, os.getpid()
             yield self._conn
@@ -425,6 +433,26 @@ def check_run_seed(train: Any) -> None:
     left at 0 (``ValueError`` otherwise, rather than a seed silently replaced)."""
     if getattr(train, "seed", 0) != 0:
         raise ValueError("set the run's seed, not train.seed (the run's seed is the training seed)")
+
+
+LOCK_TIMEOUT = 60.0
+"""Seconds a store waits for another process's lock before it gives up."""
+
+
+def _while_locked(action: Callable[[], Any], timeout: float = LOCK_TIMEOUT) -> Any:
+    """Run ``action``, retrying with jittered back-off while SQLite says the database is
+    locked or busy (up to ``timeout`` seconds; then the error is raised)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as err:
+            message = str(err)
+            if ("locked" not in message and "busy" not in message) or (time.monotonic() > deadline):
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.25)
 
 
 def _check_status(status: str | None) -> None:
