@@ -1,9 +1,10 @@
 """What `import winnow` costs beyond `import torch`, in fresh processes.
 
-Each sample starts a new interpreter that imports torch, then winnow, and reports both
-durations (perf_counter around each import); the figure is the median over ``--repeat``
-processes of (winnow's import) with torch already loaded, beside torch's own import. Also
-counts the winnow modules loaded and whether numba, matplotlib or onnx came with them.
+Each sample starts a new interpreter that imports torch, then winnow, then the names most
+programs use first (Masks, Pruner, prune_at_init, select, train), and reports each duration
+(perf_counter around each import); the figures are medians over ``--repeat`` processes. Also
+counts the winnow modules loaded and whether numba, matplotlib or onnx came with them (they
+should come only when a compiled selection, a plot or an export first needs them).
 
     .venv/bin/python bench/import_time.py --repeat 15
 """
@@ -20,9 +21,12 @@ PROBE = r"""
 import json, sys, time
 t0 = time.perf_counter(); import torch; t1 = time.perf_counter()
 import winnow; t2 = time.perf_counter()
+first = sorted(m for m in sys.modules if m == "winnow" or m.startswith("winnow."))
+from winnow import Masks, Pruner, prune_at_init, select, train; t3 = time.perf_counter()
 loaded = sorted(m for m in sys.modules if m == "winnow" or m.startswith("winnow."))
 heavy = [m for m in ("numba", "matplotlib", "onnx", "scipy", "sklearn") if m in sys.modules]
-print(json.dumps({"torch": t1 - t0, "winnow": t2 - t1, "modules": loaded, "heavy": heavy}))
+print(json.dumps({"torch": t1 - t0, "winnow": t2 - t1, "use": t3 - t2, "first": first,
+                  "modules": loaded, "heavy": heavy}))
 """
 
 
@@ -38,6 +42,7 @@ def main() -> None:
         samples.append(json.loads(out.stdout.strip().splitlines()[-1]))
     torch_s = [s["torch"] for s in samples]
     winnow_s = [s["winnow"] for s in samples]
+    use_s = [s["use"] for s in samples]
     last = samples[-1]
     import torch
 
@@ -51,8 +56,12 @@ def main() -> None:
         f"({min(winnow_s):.3f}-{max(winnow_s):.3f})"
     )
     print(
-        f"winnow modules loaded: {len(last['modules'])}; heavy packages loaded: "
-        f"{', '.join(last['heavy']) or 'none'}"
+        f"then Masks, Pruner, prune_at_init, select, train: median "
+        f"{statistics.median(use_s):.3f} s ({min(use_s):.3f}-{max(use_s):.3f})"
+    )
+    print(
+        f"winnow modules loaded by `import winnow`: {len(last['first'])}; after those names: "
+        f"{len(last['modules'])}; heavy packages loaded: {', '.join(last['heavy']) or 'none'}"
     )
 
 
