@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from winnow.core.masks import Masks
+from winnow.core.modules import replace_submodule
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 """Constants of the KL approximation, Molchanov et al. 2017, Eq. 14."""
@@ -298,13 +299,6 @@ def _targets(model: nn.Module, names: Iterable[str] | None) -> list[str]:
     return list(names)
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    if not child:
-        raise ValueError("the model itself cannot be replaced; pass a model that contains it")
-    setattr(model.get_submodule(parent), child, module)
-
-
 def to_svdo(
     model: nn.Module,
     names: Iterable[str] | None = None,
@@ -326,7 +320,7 @@ def to_svdo(
             new: nn.Module = Conv2dSVDO.from_conv(old, log_sigma2_init, threshold)
         else:
             new = LinearSVDO.from_linear(old, log_sigma2_init, threshold)
-        _replace(copied, name, new)
+        replace_submodule(copied, name, new)
     return copied
 
 
@@ -372,6 +366,6 @@ def from_svdo(model: nn.Module, threshold: float | None = THRESHOLD) -> tuple[nn
         _copy_into(new, old)
         with torch.no_grad():
             new.weight.mul_(keep)
-        _replace(copied, name, new)
+        replace_submodule(copied, name, new)
         masks[f"{name}.weight"] = keep.clone()
     return copied, Masks(masks)

@@ -30,7 +30,7 @@ from winnow.core._layout import (
     index_dtype,
     storage_offsets,
 )
-from winnow.core.densities import SCOPES, check_density
+from winnow.core.densities import check_density, check_scope
 from winnow.core.masks import Masks
 from winnow.core.scores import factors, float_dtype
 
@@ -265,8 +265,7 @@ class Survivors:
     ) -> dict[str, tuple[np.ndarray, Cut]]:
         """Per tensor, the alive weights' scores (in the order of ``index[name]``) and the cut
         that keeps the chosen ones."""
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
+        check_scope(scope)
         if set(scores) != set(self.shapes):
             raise ValueError("scores and current masks cover different parameters")
         if min_per_layer < 0:

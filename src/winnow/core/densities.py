@@ -9,6 +9,14 @@ from __future__ import annotations
 import math
 
 SCOPES = ("global", "layer")
+"""Where a density applies: one threshold across all tensors, or each tensor on its own."""
+
+
+def check_scope(scope: str) -> str:
+    """``scope`` if it is one of :data:`SCOPES`, else ``ValueError`` naming the choices."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
+    return scope
 
 
 def check_density(density: float, what: str = "density") -> float:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from winnow.core.densities import SCOPES, check_density
+from winnow.core.densities import check_density, check_scope
 from winnow.core.masks import Masks
 
 GROUPS = ("filter", "neuron", "channel")
@@ -71,8 +71,7 @@ def select_groups(
     the fraction kept.
     """
     check_density(density)
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
+    check_scope(scope)
     reducers = {
         "mean": lambda g: g.mean(1),
         "sum": lambda g: g.sum(1),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from winnow import models
 from winnow.analysis import shuffle_within_layers
-from winnow.core.densities import check_sparsity
+from winnow.core.densities import check_scope, check_sparsity
 from winnow.core.masks import Masks
 from winnow.experiments.common import load_data
 from winnow.experiments.registry import Axis, Experiment, register
@@ -84,8 +84,7 @@ class LotteryConfig:
         for rate in (self.rate, self.conv_rate, self.output_rate):
             if rate is not None:
                 check_sparsity(rate)
-        if self.scope not in ("layer", "global"):
-            raise ValueError(f"unknown scope {self.scope!r}; choose 'layer' or 'global'")
+        check_scope(self.scope)
         if self.control not in CONTROLS:
             raise ValueError(f"unknown control {self.control!r}; choose one of {CONTROLS}")
         if self.rewind < 0:

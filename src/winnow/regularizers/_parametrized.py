@@ -11,12 +11,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.modules import split_name
 from winnow.regularizers.penalties import check_group, parameter_names
-
-
-def split_name(name: str) -> tuple[str, str]:
-    module, _, attr = name.rpartition(".")
-    return module, attr
 
 
 def attach(

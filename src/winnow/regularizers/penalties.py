@@ -10,13 +10,12 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from winnow.core.densities import check_scope
 from winnow.core.masks import prunable_parameters
 
 GROUPS: dict[str, int] = {"filter": 0, "neuron": 0, "channel": 1}
 """Group name -> the axis a group is a slice of: a filter (convolution) or neuron (Linear) is
 an output unit, ``weight[i]``; a channel is an input unit, ``weight[:, j]``."""
-
-POLARIZATION_SCOPES = ("global", "layer")
 
 
 def check_strength(strength: float) -> float:
@@ -220,8 +219,7 @@ class Polarization(Regularizer):
         super().__init__(strength, names)
         if not float(t) > 0 or math.isinf(float(t)):
             raise ValueError(f"t must be a finite number > 0, got {t!r}")
-        if scope not in POLARIZATION_SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; choose one of {POLARIZATION_SCOPES}")
+        check_scope(scope)
         self.t = float(t)
         self.scope = scope
 

@@ -25,7 +25,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from winnow.core.densities import SCOPES, check_density, check_sparsity
+from winnow.core.densities import (
+    check_density,
+    check_scope,
+    check_sparsity,
+    exponential_densities,
+)
 from winnow.core.masks import Masks
 
 
@@ -70,14 +75,13 @@ class OneShot:
 
 
 def exponential_targets(density: float, rounds: int, start: float = 1.0) -> list[float]:
-    """s·(d/s)^(k/n) for k = 1..n: from density s (the starting mask's) to d over n rounds."""
+    """s·(d/s)^(k/n) for k = 1..n: from density s (the starting mask's) to d over n rounds
+    (:func:`winnow.core.exponential_densities` of the ratio d/s, scaled by s)."""
     check_density(density)
-    if rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {rounds}")
     if density > start:
         raise ValueError(f"density {density} is above the starting mask's density {start:.4g}")
     ratio = density / start if start else 0.0
-    return [start * ratio ** (k / rounds) for k in range(1, rounds + 1)]
+    return [start * d for d in exponential_densities(ratio, rounds)]
 
 
 @dataclass(frozen=True)
@@ -187,8 +191,7 @@ class PruneRate:
     relative = True
 
     def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}; choose 'layer' or 'global'")
+        check_scope(self.scope)
         if isinstance(self.rate, Mapping):
             if self.scope == "global":
                 raise ValueError("global magnitude pruning takes one rate, not a rate per layer")

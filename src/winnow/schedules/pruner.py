@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from winnow.core._topk import Survivors, zero_removed
-from winnow.core.densities import SCOPES
+from winnow.core.densities import check_scope
 from winnow.core.masks import Masks, prunable_parameters
 from winnow.core.selection import select
 from winnow.criteria.registry import Criterion, Scoring, lookup
@@ -89,8 +89,7 @@ class Pruner:
     ) -> None:
         if schedule is None:
             raise ValueError("a Pruner needs a density schedule (see winnow.schedules.density)")
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
+        check_scope(scope)
         if min_per_layer < 0:
             raise ValueError(f"min_per_layer must be >= 0, got {min_per_layer}")
         if callable(criterion) and not isinstance(criterion, Criterion):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from winnow.core.densities import check_scope
 from winnow.structured.budget import (
     Structure,
     as_analysis,
@@ -33,8 +34,6 @@ from winnow.structured.budget import (
 )
 from winnow.structured.dependency import NORMS, Analysis
 from winnow.training import TrainConfig, TrainResult, train
-
-SCOPES = ("global", "layer")
 
 
 def bn_l1(strength: float = 1e-4) -> Callable[[nn.Module], Tensor]:
@@ -168,8 +167,7 @@ def l1_filter_structure(
     (:func:`l1_filter_scores`); ``scope="layer"``: every layer keeps the same fraction of its
     filters, its largest by L1 norm (widths as uniform scaling, channels by norm).
     """
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; choose one of {SCOPES}")
+    check_scope(scope)
     analysis = as_analysis(model, input_shape)
     scores = l1_filter_scores(analysis, include_tied=include_tied)
     if scope == "layer":

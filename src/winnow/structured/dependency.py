@@ -34,7 +34,7 @@ CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 PRODUCERS = (*CONVS, nn.Linear)
 
-ZERO_PRESERVING_MODULES = (
+ZERO_PRESERVING_ACTIVATION_MODULES = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -48,23 +48,24 @@ ZERO_PRESERVING_MODULES = (
     nn.Hardtanh,
     nn.Tanh,
     nn.Softsign,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Identity,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
+)
+"""Activation modules with f(0) = 0."""
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+ADAPTIVE_POOLS = (
     nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
+)
+ZERO_PRESERVING_MODULES = (
+    *ZERO_PRESERVING_ACTIVATION_MODULES,
+    *DROPOUTS,
+    nn.Identity,
+    *POOLS,
+    *ADAPTIVE_POOLS,
 )
 """Modules that act on each channel separately and map an all-zero channel to zero."""
 

@@ -32,15 +32,19 @@ import torch
 from torch import nn
 
 from winnow.structured.dependency import (
+    ADAPTIVE_POOLS,
     ADD_METHODS,
     ADDS,
     CONVS,
+    DROPOUTS,
     FUNCTION_POOLS,
     MUL_METHODS,
     MULS,
     NORMS,
+    POOLS,
     REDUCTIONS,
     RESHAPES,
+    ZERO_PRESERVING_ACTIVATION_MODULES,
     ZERO_PRESERVING_ACTIVATIONS,
     Analysis,
     _example,
@@ -49,34 +53,13 @@ from winnow.structured.dependency import (
 
 _F = nn.functional
 ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
+    *ZERO_PRESERVING_ACTIVATION_MODULES,
     nn.PReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
     nn.Hardsigmoid,
-    nn.Hardtanh,
-    nn.Tanh,
     nn.Sigmoid,
     nn.Softplus,
-    nn.Softsign,
 )
-FREE = (nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-ADAPTIVE_POOLS = (
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
+FREE = (nn.Identity, nn.Flatten, *DROPOUTS)
 FUNCTION_ACTIVATIONS = frozenset(
     {
         *ZERO_PRESERVING_ACTIVATIONS,

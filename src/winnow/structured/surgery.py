@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from winnow import models
+from winnow.core.modules import replace_submodule
 from winnow.structured.dependency import CONVS, NORMS, Analysis, analyse
 
 SPEC_FORMAT = "winnow.structured/1"
@@ -284,7 +285,7 @@ def rebuild(spec: Mapping[str, Any], base: nn.Module | None = None, seed: int = 
             old = model.get_submodule(name)
             new = _resized(old, {k: int(v) for k, v in sizes.items()})
             _zoo_init(model, new)
-            _replace(model, name, new)
+            replace_submodule(model, name, new)
     return model
 
 
@@ -302,11 +303,6 @@ def _resized(module: nn.Module, sizes: Mapping[str, int]) -> nn.Module:
     new = type(module)(**args)
     new.train(module.training)
     return new
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 @torch.no_grad()
@@ -392,7 +388,9 @@ def shrink(
     plan = _plan(analysis, masks)
     small = copy.deepcopy(model)
     for name, cut in plan.items():
-        _replace(small, name, _cut(small.get_submodule(name), cut.get("out"), cut.get("in")))
+        replace_submodule(
+            small, name, _cut(small.get_submodule(name), cut.get("out"), cut.get("in"))
+        )
     return small, describe(small, model, spec)
 
 
