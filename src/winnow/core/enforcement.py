@@ -1,6 +1,6 @@
 """Keeping pruned weights at exactly zero while a model trains.
 
-Design (DESIGN.md, "Enforcement"): instead of multiplying each weight by its mask in every
+Design: instead of multiplying each weight by its mask in every
 forward pass (the forward-hook design of ``torch.nn.utils.prune``), pruned entries are
 
 1. zeroed once, together with the optimizer's per-parameter state (momentum, Adam moments);

@@ -5,7 +5,7 @@ A :class:`Masks` maps fully qualified parameter names (the names of ``named_para
 it. Masks move between the steps of a pruning pipeline (criterion -> selection -> masks ->
 enforcement -> export); they can be saved, compared, combined and applied.
 
-Conventions (see DESIGN.md): *density* is the fraction kept, *sparsity* the fraction removed.
+Conventions: *density* is the fraction kept, *sparsity* the fraction removed.
 The prunable parameters by default are the ``weight`` of Linear, Conv1d/2d/3d and Embedding
 layers, never biases or normalisation parameters.
 

@@ -1,6 +1,6 @@
 """Second-order criteria from the empirical Fisher: OBD, and OBS / WoodFisher with its update.
 
-Notation (DESIGN.md): θ the weights, ∇ℓⱼ the gradient of sample j's loss, the empirical
+Notation: θ the weights, ∇ℓⱼ the gradient of sample j's loss, the empirical
 Fisher F = (1/N) Σⱼ ∇ℓⱼ ∇ℓⱼᵀ, an estimate of the Hessian of the loss at a minimum.
 
 - OBD (LeCun, Denker & Solla 1990, "Optimal Brain Damage"): with a diagonal Hessian, removing

@@ -1,4 +1,4 @@
-"""Experiments: one run store for all (see DESIGN.md, "Experiments").
+"""Experiments: one run store for all (docs/architecture.md, "Experiments").
 
 The machinery every ``winnow experiment ...`` command shares:
 
@@ -12,6 +12,12 @@ The machinery every ``winnow experiment ...`` command shares:
 - A :class:`Run` is what a run function receives: its configuration, its directory, and
   methods to record metrics (``record``; ``completed`` to resume) and to write files
   atomically (``save_json``, ``save_tensors``: checksummed safetensors, never pickles).
+- A control is a branch of the run it follows, and a shared artefact (pretrained weights,
+  learned gates) a run of its own: :meth:`RunStore.require`, :meth:`RunStore.ensure` and
+  :meth:`Run.link`.
+- An experiment is described once (:class:`Experiment`: configuration, swept axes, ``sweep``,
+  ``execute``, ``report``) and registered in :data:`EXPERIMENTS`; ``at_init``, ``lottery``
+  and ``scratch`` are, and the command line is generated from them.
 - :func:`run_sweep` runs a list of configurations in-process, skips those already done,
   records failures and goes on; a run killed halfway resumes from its last recorded step.
   Runs are independent, so the same list can later go to a process pool or a cluster.
