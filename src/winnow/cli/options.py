@@ -18,6 +18,8 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from winnow.experiments.configs import dataclass_in
+
 
 def _unwrap(hint: Any) -> tuple[Any, bool]:
     """``X | None`` -> (X, True); anything else -> (hint, False)."""
@@ -26,11 +28,6 @@ def _unwrap(hint: Any) -> tuple[Any, bool]:
         if len(args) == 1:
             return args[0], True
     return hint, False
-
-
-def _nested(hint: Any) -> type | None:
-    hint, _ = _unwrap(hint)
-    return hint if dataclasses.is_dataclass(hint) and isinstance(hint, type) else None
 
 
 def csv_list(text: str, kind: Callable[[str], Any] = str) -> tuple:
@@ -88,7 +85,7 @@ def add_config_options(
         if field.name in skip:
             continue
         default = _default(field, base)
-        nested = _nested(hints[field.name])
+        nested = dataclass_in(hints[field.name])
         if nested is not None:
             add_config_options(parser, nested, default, skip | outer, f"{prefix}{field.name}.")
             continue
@@ -131,7 +128,7 @@ def config_from_args(
     for field in fields:
         if field.name in skip or field.name in values:
             continue
-        nested = _nested(hints[field.name])
+        nested = dataclass_in(hints[field.name])
         default = _default(field, base)
         if nested is not None:
             chosen[field.name] = config_from_args(

@@ -49,17 +49,11 @@ Example::
 """
 
 from winnow.experiments import at_init, lottery, scratch  # noqa: E402  (they register)
+from winnow.experiments.configs import config_from_dict, config_id, config_to_dict
 from winnow.experiments.registry import EXPERIMENTS, Axis, Experiment, register
 from winnow.experiments.report import aggregate, bar_plot, line_plot, markdown_table, write_table
 from winnow.experiments.runner import SweepSummary, run_sweep
-from winnow.experiments.store import (
-    STATUSES,
-    Run,
-    RunStore,
-    config_from_dict,
-    config_id,
-    config_to_dict,
-)
+from winnow.experiments.store import STATUSES, Run, RunStore, StoreError
 from winnow.io import load_tensors, save_tensors, tensor_metadata
 
 __all__ = [
@@ -69,6 +63,7 @@ __all__ = [
     "Experiment",
     "Run",
     "RunStore",
+    "StoreError",
     "SweepSummary",
     "aggregate",
     "bar_plot",

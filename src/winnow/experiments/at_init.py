@@ -24,9 +24,10 @@ from winnow.core.masks import Masks
 from winnow.criteria import available as available_criteria
 from winnow.criteria import lookup
 from winnow.experiments.common import load_data
+from winnow.experiments.configs import check_run_seed
 from winnow.experiments.registry import Axis, Experiment, register
 from winnow.experiments.report import aggregate, bar_plot, line_plot, write_table
-from winnow.experiments.store import Run, RunStore, check_run_seed
+from winnow.experiments.store import Run, RunStore
 from winnow.options import option
 from winnow.schedules import prune_at_init
 from winnow.training import TrainConfig, train

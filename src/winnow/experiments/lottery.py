@@ -29,9 +29,10 @@ from winnow.analysis import shuffle_within_layers
 from winnow.core.densities import check_scope, check_sparsity
 from winnow.core.masks import Masks
 from winnow.experiments.common import load_data
+from winnow.experiments.configs import check_run_seed
 from winnow.experiments.registry import Axis, Experiment, register
 from winnow.experiments.report import aggregate, line_plot, write_table
-from winnow.experiments.store import Run, RunStore, check_run_seed
+from winnow.experiments.store import Run, RunStore
 from winnow.options import option
 from winnow.schedules.lottery import iterative_magnitude_pruning, lottery_rates, train_round
 from winnow.training import TrainConfig, TrainResult

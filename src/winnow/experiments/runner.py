@@ -30,7 +30,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from winnow.experiments.store import Run, RunStore, config_id
+from winnow.experiments.configs import config_id
+from winnow.experiments.store import Run, RunStore
 from winnow.io import atomic_write_bytes
 
 

@@ -37,9 +37,10 @@ import torch
 
 from winnow import models
 from winnow.experiments.common import load_data
+from winnow.experiments.configs import check_run_seed
 from winnow.experiments.registry import Axis, Experiment, register
 from winnow.experiments.report import aggregate, bar_plot, markdown_table, write_table
-from winnow.experiments.store import Run, RunStore, check_run_seed
+from winnow.experiments.store import Run, RunStore
 from winnow.io import atomic_write_bytes
 from winnow.options import option
 from winnow.structured import (

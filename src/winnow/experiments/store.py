@@ -1,35 +1,36 @@
-"""The run store: typed configurations, their ids, run directories and one SQLite database.
+"""The run store: run directories, their files, and one SQLite index over them.
 
-A run is identified by ``(experiment, run_id)`` where ``run_id = config_id(config)``, a hash
-of the configuration's non-default fields (OpenLTH's scheme, Frankle et al.): adding a field
-with a default keeps every old id valid. Its files live in ``<root>/<experiment>/<run_id>/``;
-its status and its metrics live in ``<root>/winnow.sqlite`` (WAL mode, safe for several
-writing processes), so a sweep can be queried and its report rebuilt after the fact.
+A run is identified by ``(experiment, run_id)`` where ``run_id = config_id(config)``
+(:mod:`winnow.experiments.configs`). Its files live in ``<root>/<experiment>/<run_id>/`` and
+are the source of truth: ``config.json`` (the configuration and the run it branches from),
+``status.json`` (running, done, failed, interrupted), one ``records/<kind>/<step>.json`` per
+record, and whatever the run writes. ``<root>/winnow.sqlite`` indexes them
+(:mod:`winnow.experiments.index`: WAL mode, safe for several writing processes, every row
+checksummed) so a sweep can be queried and its report rebuilt; ``winnow experiment repair``
+rebuilds the index from the files.
 
 Every file is written to a temporary name and renamed (:func:`winnow.io.atomic_write_bytes`),
-so a crash never leaves half a file behind.
+so a crash never leaves half a file behind. A record can name the files its step wrote: their
+digests are stored with it, and :meth:`Run.completed` counts a step as done only while those
+files are intact, so a damaged or replaced file is recomputed on resume instead of trusted.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import random
-import sqlite3
-import threading
 import time
-import types
-import typing
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
+from winnow.experiments import index as idx
+from winnow.experiments.configs import config_id, config_to_dict, flatten
+from winnow.experiments.index import StoreError
 from winnow.io import atomic_write_bytes, dumps, load_tensors, save_tensors, to_json
 
 STATUSES = ("running", "done", "failed", "interrupted")
@@ -39,156 +40,17 @@ DATABASE_NAME = "winnow.sqlite"
 RESERVED_KEYS = frozenset({"run_id", "kind", "step"})
 """Keys that :meth:`RunStore.records` adds to every row; a record's data may not use them."""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    experiment TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    config TEXT NOT NULL,
-    status TEXT NOT NULL,
-    started REAL,
-    finished REAL,
-    error TEXT,
-    parent TEXT,
-    PRIMARY KEY (experiment, run_id)
-);
-CREATE TABLE IF NOT EXISTS records (
-    experiment TEXT NOT NULL,
-    run_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    step INTEGER NOT NULL,
-    data TEXT NOT NULL,
-    PRIMARY KEY (experiment, run_id, kind, step)
-);
-"""
+__all__ = ["DATABASE_NAME", "STATUSES", "Run", "RunStore", "StoreError", "file_digest"]
 
 
-# -- configurations --------------------------------------------------------------------------
 def _jsonable(value: Any, where: str) -> Any:
     """Data for a record or a JSON file: NaN and infinities become ``None``."""
     return to_json(value, where)
 
 
-def _check_config(config: Any) -> None:
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        raise TypeError(f"a configuration is a dataclass instance, not {type(config).__name__}")
-
-
-def _config_fields(config: Any) -> list[dataclasses.Field]:
-    """The fields a configuration is built from (``init=False`` fields are derived ones)."""
-    return [f for f in dataclasses.fields(config) if f.init]
-
-
-def _as_declared(value: Any, hint: Any) -> Any:
-    """An int given for a field declared ``float`` (or ``float | None``) as that float, so that
-    ``epochs=3`` and ``epochs=3.0`` are one configuration with one id."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if hint is float or float in typing.get_args(hint):
-            return float(value)
-    return value
-
-
-def _non_default(config: Any, where: str) -> dict[str, Any]:
-    """The fields whose value differs from their default (nested configurations likewise)."""
-
-    def canonical(value: Any, at: str) -> Any:
-        return to_json(value, at, finite=False, dataclass=_identity)
-
-    hints = typing.get_type_hints(type(config))
-    out = {}
-    for f in _config_fields(config):
-        at = f"{where}.{f.name}"
-        value = canonical(_as_declared(getattr(config, f.name), hints.get(f.name)), at)
-        if f.default is not dataclasses.MISSING:
-            default = canonical(f.default, at)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = canonical(f.default_factory(), at)
-        else:
-            out[f.name] = value
-            continue
-        if value != default:
-            out[f.name] = value
-    return out
-
-
-def _identity(config: Any, where: str) -> dict[str, Any]:
-    """What identifies a configuration: its class name and its non-default fields."""
-    return {"type": type(config).__name__, "fields": _non_default(config, where)}
-
-
-def config_id(config: Any) -> str:
-    """The id of a configuration: 12 hex digits of a SHA-256 of its non-default fields.
-
-    ``config`` is a (frozen) dataclass instance. The hash covers the canonical JSON (sorted
-    keys, compact) of ``{"type": class name, "fields": {name: value}}`` with only the fields
-    whose value differs from their default (nested dataclasses likewise), so adding a field
-    with a default keeps old ids valid, and two configurations that differ in any non-default
-    value get different ids. Tuples count as lists.
-    """
-    _check_config(config)
-    text = json.dumps(
-        _identity(config, type(config).__name__), sort_keys=True, separators=(",", ":")
-    )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """Every field of a configuration as plain JSON data (nested dataclasses as dicts)."""
-    _check_config(config)
-    return _all_fields(config, type(config).__name__)
-
-
-def _all_fields(config: Any, where: str) -> dict[str, Any]:
-    return {
-        f.name: to_json(
-            getattr(config, f.name), f"{where}.{f.name}", finite=False, dataclass=_all_fields
-        )
-        for f in _config_fields(config)
-    }
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass type a field annotation names (directly or as ``X | None``), if any."""
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return hint
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        found = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
-        return found[0] if len(found) == 1 else None
-    return None
-
-
-def _tuples(value: Any) -> Any:
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    return value
-
-
-def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    """Build a configuration of class ``cls`` from :func:`config_to_dict`'s output.
-
-    Missing keys take their defaults; an unknown key raises ``ValueError`` naming it. Lists
-    come back as tuples (configurations are frozen and hashable), and a field annotated with a
-    dataclass type is rebuilt from its nested dict. The class's own validation runs as usual.
-    """
-    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
-        raise TypeError(f"{cls!r} is not a dataclass")
-    fields = {f.name: f for f in _config_fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(map(repr, unknown))}")
-    try:
-        hints = typing.get_type_hints(cls)
-    except (NameError, TypeError):
-        hints = {}
-    kwargs = {}
-    for name, value in data.items():
-        nested = _dataclass_in(hints.get(name))
-        if nested is not None and isinstance(value, Mapping):
-            kwargs[name] = config_from_dict(nested, value)
-        else:
-            kwargs[name] = _tuples(value)
-    return cls(**kwargs)
+def _dumps(value: Any, indent: int | None = None) -> str:
+    """Strict JSON (no NaN), compact unless indented; keys in their own order."""
+    return dumps(value, indent=indent, sort_keys=False)
 
 
 def _check_name(name: str, what: str) -> None:
@@ -196,37 +58,38 @@ def _check_name(name: str, what: str) -> None:
         raise ValueError(f"{what} {name!r} is not a valid directory name")
 
 
-# -- the store -------------------------------------------------------------------------------
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a file's bytes, or None if it cannot be read."""
+    sha = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+    except OSError:
+        return None
+    return sha.hexdigest()
+
+
 class RunStore:
     """Runs, their files and their records under one results root.
 
-    ``root/winnow.sqlite`` holds the ``runs`` table (one row per run: configuration, status,
-    times, error) and the ``records`` table (one JSON row per ``(run, kind, step)``); run files
-    live in ``root/<experiment>/<run_id>/``. The database is in WAL mode and every write is a
-    single autocommitted statement, so several processes (and threads) can write at once
-    without losing a row. A store can be pickled to another process; it reconnects there.
+    ``root/winnow.sqlite`` indexes the runs (configuration, status, times, error, parent) and
+    their records (one JSON row per ``(run, kind, step)``); run files live in
+    ``root/<experiment>/<run_id>/``. A damaged index raises :class:`StoreError` naming the
+    file (``winnow experiment check`` / ``repair``). A store can be pickled to another
+    process; it reconnects there.
     """
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.database = self.root / DATABASE_NAME
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
-        with self._db() as db:
-            _while_locked(lambda: self._create_schema(db))
-
-    @staticmethod
-    def _create_schema(db: sqlite3.Connection) -> None:
-        db.executescript(_SCHEMA)
-        columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
-        if "parent" not in columns:  # a store written by winnow 0.1
-            try:
-                db.execute("ALTER TABLE runs ADD COLUMN parent TEXT")
-            except sqlite3.OperationalError as err:  # another process added it first
-                if "duplicate column" not in str(err):
-                    raise
+        self.index = idx.Index(self.database, self.root)
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
@@ -237,28 +100,9 @@ class RunStore:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["root"])
 
-    @contextmanager
-    def _db(self) -> Iterator[sqlite3.Connection]:
-        """This process's connection (opened on first use, reopened after a fork)."""
-        with self._lock:
-            if self._conn is None or self._pid != os.getpid():
-                conn = sqlite3.connect(
-                    self.database, timeout=LOCK_TIMEOUT, isolation_level=None,
-                    check_same_thread=False,
-                )  # fmt: skip
-                # switching a new database to WAL takes an exclusive lock that SQLite does not
-                # wait for (several processes opening one fresh store got "database is locked")
-                _while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
-                conn.execute("PRAGMA synchronous=NORMAL")
-                self._conn, self._pid = conn, os.getpid()
-            yield self._conn
-
     def close(self) -> None:
         """Close this process's database connection (the next operation reopens it)."""
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+        self.index.close()
 
     def run_dir(self, experiment: str, run_id: str) -> Path:
         """The directory of a run, ``root/experiment/run_id`` (created)."""
@@ -268,13 +112,14 @@ class RunStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    # -- runs ----------------------------------------------------------------------------------
     def begin(self, experiment: str, config: Any, parent: Run | None = None) -> Run:
         """Start (or restart) the run of ``config`` in ``experiment``; its status is 'running'.
 
-        Writes ``config.json`` into the run directory, then upserts the run's row. A run that
-        already exists keeps its ``started`` time and its records (so it can resume).
-        ``parent``: the run this one branches from (a control of a lottery ticket) or builds
-        on (a shared artefact such as pretrained weights), recorded with the run.
+        Writes ``config.json`` and ``status.json`` into the run directory, then upserts the
+        run's row. A run that already exists keeps its ``started`` time and its records (so it
+        can resume). ``parent``: the run this one branches from (a control of a lottery ticket)
+        or builds on (a shared artefact such as pretrained weights), recorded with the run.
         """
         run_id = config_id(config)
         directory = self.run_dir(experiment, run_id)
@@ -288,15 +133,15 @@ class RunStore:
             "parent": link,
         }
         atomic_write_bytes(directory / "config.json", _dumps(document, indent=2).encode())
-        with self._db() as db:
-            db.execute(
-                "INSERT INTO runs (experiment, run_id, config, status, started, parent) "
-                "VALUES (?, ?, ?, 'running', ?, ?) "
-                "ON CONFLICT (experiment, run_id) DO UPDATE SET config = excluded.config, "
-                "status = 'running', finished = NULL, error = NULL, parent = excluded.parent",
-                (experiment, run_id, _dumps(fields), time.time(), link),
-            )
-        return Run(self, experiment, run_id, config, directory)
+        run = Run(self, experiment, run_id, config, directory)
+        with self.index.connection() as db:
+            row = db.execute(
+                "SELECT started FROM runs WHERE experiment = ? AND run_id = ?",
+                (experiment, run_id),
+            ).fetchone()
+        started = row[0] if row and row[0] is not None else time.time()
+        run._write_status("running", started=started, parent=link, config=_dumps(fields))
+        return run
 
     def open(self, experiment: str, config: Any) -> Run | None:
         """A handle on the run of ``config`` in ``experiment`` if the store has one (any
@@ -306,12 +151,14 @@ class RunStore:
             return None
         return Run(self, experiment, run_id, config, self.run_dir(experiment, run_id))
 
-    def require(self, experiment: str, config: Any, why: str) -> Run:
-        """The finished run of ``config``; ``RuntimeError`` (saying ``why`` it is needed) if it
-        is not done."""
+    def require(self, experiment: str, config: Any, needed_by: str) -> Run:
+        """The finished run of ``config``; ``RuntimeError`` naming it and what needs it
+        (``needed_by``: "the reinit control needs its ticket run") if it is not done."""
         found = self.open(experiment, config)
         if found is None or self.status(experiment, found.run_id) != "done":
-            raise RuntimeError(f"{why} needs run {experiment}/{config_id(config)} finished first")
+            raise RuntimeError(
+                f"{needed_by} {experiment}/{config_id(config)} finished first (run it before)"
+            )
         return found
 
     def ensure(
@@ -341,20 +188,17 @@ class RunStore:
 
     def status(self, experiment: str, run_id: str) -> str | None:
         """The status of a run ('running', 'done', 'failed', 'interrupted'), or None."""
-        with self._db() as db:
+        row = self._run_row(experiment, run_id)
+        return row[3] if row else None
+
+    def _run_row(self, experiment: str, run_id: str) -> tuple | None:
+        with self.index.connection() as db:
             row = db.execute(
-                "SELECT status FROM runs WHERE experiment = ? AND run_id = ?",
+                "SELECT experiment, run_id, config, status, error, parent, checksum, started "
+                "FROM runs WHERE experiment = ? AND run_id = ?",
                 (experiment, run_id),
             ).fetchone()
-        return row[0] if row else None
-
-    def _set_status(self, experiment: str, run_id: str, status: str, error: str | None) -> None:
-        with self._db() as db:
-            db.execute(
-                "UPDATE runs SET status = ?, finished = ?, error = ? "
-                "WHERE experiment = ? AND run_id = ?",
-                (status, time.time(), error, experiment, run_id),
-            )
+        return None if row is None else self.index.verified_run(row)
 
     def runs(self, experiment: str, status: str | None = None) -> list[dict[str, Any]]:
         """The runs of an experiment (optionally with one status), oldest first.
@@ -363,14 +207,31 @@ class RunStore:
         ``finished`` (Unix times), ``error`` and ``parent`` (``experiment/run_id``, or None).
         """
         _check_status(status)
-        query = "SELECT run_id, status, config, started, finished, error, parent FROM runs "
-        query += "WHERE experiment = ?" + (" AND status = ?" if status else "")
+        query = (
+            "SELECT experiment, run_id, config, status, error, parent, checksum, started, "
+            "finished FROM runs WHERE experiment = ?" + (" AND status = ?" if status else "")
+        )
         query += " ORDER BY started, run_id"
         params = (experiment, status) if status else (experiment,)
-        with self._db() as db:
+        with self.index.connection() as db:
             rows = db.execute(query, params).fetchall()
-        keys = ("run_id", "status", "config", "started", "finished", "error", "parent")
-        return [dict(zip(keys, (*r[:2], json.loads(r[2]), *r[3:]), strict=True)) for r in rows]
+        out = []
+        for row in rows:
+            _, run_id, config, status_, error, parent, _, started, finished = (
+                self.index.verified_run(row)
+            )
+            out.append(
+                {
+                    "run_id": run_id,
+                    "status": status_,
+                    "config": json.loads(config),
+                    "started": started,
+                    "finished": finished,
+                    "error": error,
+                    "parent": parent,
+                }
+            )
+        return out
 
     def records(
         self, experiment: str, kind: str | None = None, status: str | None = "done"
@@ -379,15 +240,16 @@ class RunStore:
 
         Each row is the record's data plus ``run_id``, ``kind`` and ``step``, plus the run's
         configuration fields under their own names where the data has no such key (nested
-        configurations as dotted keys, ``train.epochs``). ``kind``
-        filters on the kind; ``status`` keeps the runs with that status (None: any status).
-        Ordered by run start, run id, kind and step.
+        configurations as dotted keys, ``train.epochs``). ``kind`` filters on the kind;
+        ``status`` keeps the runs with that status (None: any status). Ordered by run start,
+        run id, kind and step. Every row's checksum is verified (:class:`StoreError`).
         """
         _check_status(status)
         query = (
-            "SELECT r.run_id, r.kind, r.step, r.data, u.config FROM records AS r "
-            "JOIN runs AS u ON r.experiment = u.experiment AND r.run_id = u.run_id "
-            "WHERE r.experiment = ?"
+            "SELECT r.experiment, r.run_id, r.kind, r.step, r.data, r.files, r.checksum, "
+            "u.experiment, u.run_id, u.config, u.status, u.error, u.parent, u.checksum "
+            "FROM records AS r JOIN runs AS u "
+            "ON r.experiment = u.experiment AND r.run_id = u.run_id WHERE r.experiment = ?"
         )
         params: list[Any] = [experiment]
         if kind is not None:
@@ -397,83 +259,62 @@ class RunStore:
             query += " AND u.status = ?"
             params.append(status)
         query += " ORDER BY u.started, r.run_id, r.kind, r.step"
-        with self._db() as db:
+        with self.index.connection() as db:
             rows = db.execute(query, params).fetchall()
         configs: dict[str, dict[str, Any]] = {}
         out = []
-        for run_id, kind_, step, data, config in rows:
-            row = {"run_id": run_id, "kind": kind_, "step": step, **json.loads(data)}
+        for row in rows:
+            _, run_id, kind_, step, data, _, _ = self.index.verified_record(row[:7])
             if run_id not in configs:
-                configs[run_id] = flatten(json.loads(config))
+                self.index.verified_run(row[7:])
+                configs[run_id] = flatten(json.loads(row[9]))
+            record = {"run_id": run_id, "kind": kind_, "step": step, **json.loads(data)}
             for key, value in configs[run_id].items():
-                row.setdefault(key, value)
-            out.append(row)
+                record.setdefault(key, value)
+            out.append(record)
         return out
+
+    def config_keys(self, experiment: str) -> list[str]:
+        """The configuration fields of the experiment's runs, flattened (``train.epochs``), in
+        the order they first appear: what its runs' records carry besides their data."""
+        keys: dict[str, None] = {}
+        for run in self.runs(experiment):
+            keys.update(dict.fromkeys(flatten(run["config"])))
+        return list(keys)
 
     def experiments(self) -> list[str]:
         """The names of the experiments with at least one run, sorted."""
-        with self._db() as db:
+        with self.index.connection() as db:
             rows = db.execute("SELECT DISTINCT experiment FROM runs ORDER BY experiment")
             return [r[0] for r in rows.fetchall()]
 
+    # -- the index and the files ---------------------------------------------------------------
+    def check(self) -> list[str]:
+        """What is wrong with this store's index (empty: nothing found); see
+        :func:`winnow.experiments.index.check`."""
+        self.close()
+        return idx.check(self.database, self.root)
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A configuration dict with nested configurations as dotted keys (``train.epochs``)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_run_seed(train: Any) -> None:
-    """An experiment's nested training configuration takes the run's seed: its own must be
-    left at 0 (``ValueError`` otherwise, rather than a seed silently replaced)."""
-    if getattr(train, "seed", 0) != 0:
-        raise ValueError("set the run's seed, not train.seed (the run's seed is the training seed)")
-
-
-LOCK_TIMEOUT = 60.0
-"""Seconds a store waits for another process's lock before it gives up."""
-
-
-def _while_locked(action: Callable[[], Any], timeout: float = LOCK_TIMEOUT) -> Any:
-    """Run ``action``, retrying with jittered back-off while SQLite says the database is
-    locked or busy (up to ``timeout`` seconds; then the error is raised)."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        try:
-            return action()
-        except sqlite3.OperationalError as err:
-            message = str(err)
-            if ("locked" not in message and "busy" not in message) or (time.monotonic() > deadline):
-                raise
-        time.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 2, 0.25)
-
-
-def _check_status(status: str | None) -> None:
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
-
-
-def _dumps(value: Any, indent: int | None = None) -> str:
-    """Strict JSON (no NaN), compact unless indented; keys in their own order."""
-    return dumps(value, indent=indent, sort_keys=False)
+    def repair(self) -> dict[str, int]:
+        """Rebuild the index from the run directories (the files are the source of truth);
+        returns how many runs and records the new index holds. Nothing else may use the store
+        while it is repaired."""
+        self.close()
+        counts = idx.rebuild(self.root, self.database)
+        self.index = idx.Index(self.database, self.root)
+        return counts
 
 
 class Run:
     """One run of an experiment, as returned by :meth:`RunStore.begin`.
 
     ``config`` is the configuration the run function reads; ``dir`` its directory. Records
-    (:meth:`record`) go to the database; files (:meth:`save_json`, :meth:`save_tensors`, or any
-    writer given :meth:`path`) go to the directory, atomically.
+    (:meth:`record`) go to a file of the run and to the index; files (:meth:`save_json`,
+    :meth:`save_tensors`, or any writer given :meth:`path`) go to the directory, atomically.
 
-    To resume inside a run, write a step's files first and record the step last: the record is
-    the commit point, and :meth:`completed` lists the steps already committed.
+    To resume inside a run, write a step's files first and record the step last, naming those
+    files: the record is the commit point, and :meth:`completed` lists the steps committed
+    whose files are intact.
     """
 
     def __init__(self, store: RunStore, experiment: str, run_id: str, config: Any, dir: Path):
@@ -486,57 +327,117 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.experiment!r}, {self.run_id!r})"
 
-    def record(self, kind: str, step: int, data: Mapping[str, Any]) -> None:
+    def record(
+        self, kind: str, step: int, data: Mapping[str, Any], files: Iterable[str] = ()
+    ) -> None:
         """Store ``data`` as the record ``(kind, step)`` of this run, replacing any earlier one.
 
         Values must be JSON-able; numpy and torch scalars (and small arrays) are converted to
         Python numbers, and NaN or infinite floats are stored as null. The keys ``run_id``,
-        ``kind`` and ``step`` are reserved.
+        ``kind`` and ``step`` are reserved. ``files``: the run's files this step wrote; their
+        SHA-256 is stored with the record, and :meth:`completed` checks it.
         """
         if not isinstance(kind, str) or not kind:
             raise ValueError(f"a record kind is a non-empty string, not {kind!r}")
+        _check_name(kind, "record kind")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"a record step is an integer, not {type(step).__name__}")
         clash = RESERVED_KEYS.intersection(data)
         if clash:
             raise ValueError(f"record keys {sorted(clash)} are reserved")
-        text = _dumps(_jsonable(data, f"record {kind!r} step {step}"))
-        with self.store._db() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO records (experiment, run_id, kind, step, data) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (self.experiment, self.run_id, kind, int(step), text),
-            )
+        content = _jsonable(data, f"record {kind!r} step {step}")
+        digests = None
+        if files:
+            digests = {name: file_digest(self.path(name)) for name in files}
+            missing = [n for n, d in digests.items() if d is None]
+            if missing:
+                raise FileNotFoundError(f"record {kind!r} names files the run lacks: {missing}")
+        text = _dumps(content)
+        files_text = None if digests is None else dumps(digests)
+        document = {"data": content, "files": digests}
+        atomic_write_bytes(self.path(f"records/{kind}/{int(step)}.json"), _dumps(document).encode())
+        with self.store.index.connection() as db:
+            idx.write_record(db, self.experiment, self.run_id, kind, int(step), text, files_text)
 
     def completed(self, kind: str) -> dict[int, dict[str, Any]]:
-        """The records of ``kind`` already stored for this run, by step (for resuming)."""
-        with self.store._db() as db:
+        """The records of ``kind`` already stored for this run, by step (for resuming): the
+        steps in order up to the first whose named files are missing or changed (that step
+        and the ones after it are to be redone)."""
+        with self.store.index.connection() as db:
             rows = db.execute(
-                "SELECT step, data FROM records WHERE experiment = ? AND run_id = ? AND kind = ? "
-                "ORDER BY step",
+                "SELECT experiment, run_id, kind, step, data, files, checksum FROM records "
+                "WHERE experiment = ? AND run_id = ? AND kind = ? ORDER BY step",
                 (self.experiment, self.run_id, kind),
             ).fetchall()
-        return {step: json.loads(data) for step, data in rows}
+        done = {}
+        for row in rows:
+            _, _, _, step, data, files, _ = self.store.index.verified_record(row)
+            if files is not None and any(
+                file_digest(self.path(name)) != digest for name, digest in json.loads(files).items()
+            ):
+                break
+            done[step] = json.loads(data)
+        return done
+
+    def forget(self, kind: str, steps: Iterable[int]) -> None:
+        """Drop the records ``(kind, step)`` for ``steps`` (steps to be redone)."""
+        steps = [int(s) for s in steps]
+        for step in steps:
+            self.path(f"records/{kind}/{step}.json").unlink(missing_ok=True)
+        with self.store.index.connection() as db:
+            db.executemany(
+                "DELETE FROM records WHERE experiment = ? AND run_id = ? AND kind = ? AND step = ?",
+                [(self.experiment, self.run_id, kind, s) for s in steps],
+            )
 
     def link(self, parent: Run) -> None:
         """Record that this run branches from (or builds on) ``parent``."""
-        with self.store._db() as db:
-            db.execute(
-                "UPDATE runs SET parent = ? WHERE experiment = ? AND run_id = ?",
-                (f"{parent.experiment}/{parent.run_id}", self.experiment, self.run_id),
-            )
+        self._write_status(parent=f"{parent.experiment}/{parent.run_id}")
 
     def finish(self) -> None:
         """Mark the run 'done'."""
-        self.store._set_status(self.experiment, self.run_id, "done", None)
+        self._write_status("done", finished=time.time())
 
     def fail(self, error: str) -> None:
         """Mark the run 'failed' with an error message."""
-        self.store._set_status(self.experiment, self.run_id, "failed", error)
+        self._write_status("failed", finished=time.time(), error=error)
 
     def interrupted(self) -> None:
         """Mark the run 'interrupted' (stopped by the user; a rerun resumes it)."""
-        self.store._set_status(self.experiment, self.run_id, "interrupted", None)
+        self._write_status("interrupted", finished=time.time())
+
+    _UNSET = object()
+
+    def _write_status(
+        self,
+        status: str | None = None,
+        *,
+        started: Any = _UNSET,
+        finished: Any = None,
+        error: str | None = None,
+        parent: Any = _UNSET,
+        config: str | None = None,
+    ) -> None:
+        """Write ``status.json`` then the run's row (its checksum included); unchanged fields
+        are read from the row."""
+        row = self.store._run_row(self.experiment, self.run_id)
+        if row is not None:
+            _, _, old_config, old_status, _, old_parent, _, old_started = row
+        else:
+            old_config, old_status, old_parent, old_started = config, "running", None, None
+        status = status or old_status
+        started = old_started if started is self._UNSET else started
+        parent = old_parent if parent is self._UNSET else parent
+        config = config or old_config
+        if status == "running":
+            finished, error = None, None
+        state = {"status": status, "started": started, "finished": finished, "error": error}
+        atomic_write_bytes(self.path("status.json"), _dumps(state, indent=2).encode())
+        with self.store.index.connection() as db:
+            idx.write_run(
+                db, self.experiment, self.run_id, config, status, started, finished, error,
+                parent,
+            )  # fmt: skip
 
     def path(self, name: str) -> Path:
         """The path of a file of this run (``name`` may hold subfolders, not leave the dir)."""
@@ -566,9 +467,11 @@ class Run:
         metadata: Mapping[str, Any] | None = None,
     ) -> Path:
         """Write tensors to a checksummed safetensors file of this run (see
-        :func:`save_tensors`; :func:`tensor_metadata` reads ``metadata`` back)."""
+        :func:`winnow.io.save_tensors`; :func:`winnow.io.tensor_metadata` reads ``metadata``
+        back)."""
         return save_tensors(self.path(name), tensors, metadata)
 
     def load_tensors(self, name: str) -> dict[str, Tensor]:
-        """Read a tensor file of this run, verifying its checksum (see :func:`load_tensors`)."""
+        """Read a tensor file of this run, verifying its checksum (see
+        :func:`winnow.io.load_tensors`)."""
         return load_tensors(self.path(name))
