@@ -35,15 +35,21 @@ def add_experiments(parser: argparse.ArgumentParser) -> None:
         _common(one)
     report = sub.add_parser("report", help="rebuild tables and plots from the run store")
     report.add_argument("name", choices=tuple(EXPERIMENTS), help="the experiment")
-    report.add_argument(
+    _results(report)
+    _results(sub.add_parser("check", help="check the run store's index against its checksums"))
+    _results(
+        sub.add_parser("repair", help="rebuild the run store's index from the run directories")
+    )
+
+
+def _results(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--results", type=Path, default=Path("results"), help="the run store (default: results)"
     )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--results", type=Path, default=Path("results"), help="the run store (default: results)"
-    )
+    _results(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -53,6 +59,8 @@ def run_experiment(args: argparse.Namespace) -> None:
     if args.experiment == "report":
         print_report(EXPERIMENTS[args.name].report(args.results))
         return
+    if args.experiment in ("check", "repair"):
+        return _check_or_repair(args)
     experiment = EXPERIMENTS[args.experiment]
     given = vars(args)
     axes = {a.option: a.values(given.get(f"axis.{a.field}")) for a in experiment.axes}
@@ -70,3 +78,28 @@ def run_experiment(args: argparse.Namespace) -> None:
     print_report(paths)
     if "structures" in paths:
         print(paths["structures"].read_text())
+
+
+def _check_or_repair(args: argparse.Namespace) -> None:
+    from winnow.experiments import RunStore
+
+    if not (args.results / "winnow.sqlite").is_file():
+        raise FileNotFoundError(f"no run store in {args.results} (no winnow.sqlite)")
+    if args.experiment == "repair":
+        from winnow.experiments import index
+
+        counts = index.rebuild(args.results, args.results / "winnow.sqlite")
+        print(
+            f"index rebuilt from the run directories: {counts['runs']} runs, "
+            f"{counts['records']} records"
+        )
+        return
+    problems = RunStore.check_path(args.results)
+    for problem in problems:
+        print(problem)
+    if problems:
+        raise ValueError(
+            f"{len(problems)} problem(s) in {args.results}; `winnow experiment repair "
+            f"--results {args.results}` rebuilds the index from the run directories"
+        )
+    print(f"{args.results}: the index and the run directories agree; every checksum holds")

@@ -53,7 +53,14 @@ from winnow.experiments.configs import config_from_dict, config_id, config_to_di
 from winnow.experiments.registry import EXPERIMENTS, Axis, Experiment, register
 from winnow.experiments.report import aggregate, bar_plot, line_plot, markdown_table, write_table
 from winnow.experiments.runner import SweepSummary, run_sweep
-from winnow.experiments.store import STATUSES, Run, RunStore, StoreError
+from winnow.experiments.store import (
+    STATUSES,
+    Run,
+    RunStore,
+    StoreError,
+    check_store,
+    repair_store,
+)
 from winnow.io import load_tensors, save_tensors, tensor_metadata
 
 __all__ = [
@@ -67,6 +74,7 @@ __all__ = [
     "SweepSummary",
     "aggregate",
     "bar_plot",
+    "check_store",
     "config_from_dict",
     "config_id",
     "config_to_dict",
@@ -77,6 +85,7 @@ __all__ = [
     "markdown_table",
     "run_sweep",
     "register",
+    "repair_store",
     "save_tensors",
     "scratch",
     "tensor_metadata",

@@ -26,7 +26,14 @@ from winnow.criteria import lookup
 from winnow.experiments.common import load_data
 from winnow.experiments.configs import check_run_seed
 from winnow.experiments.registry import Axis, Experiment, register
-from winnow.experiments.report import aggregate, bar_plot, line_plot, write_table
+from winnow.experiments.report import (
+    aggregate,
+    bar_plot,
+    configuration_groups,
+    describe,
+    line_plot,
+    write_table,
+)
 from winnow.experiments.store import Run, RunStore
 from winnow.options import option
 from winnow.schedules import prune_at_init
@@ -105,15 +112,21 @@ def sweep(
     return configs
 
 
+def _pruned_intact(run: Run) -> bool:
+    return run.intact("prune", [0])
+
+
 def _masks(run: Run, config: AtInitConfig, model, data) -> Masks:
-    """The method's masks for this run's model: pruned once (stored before anything is
-    recorded), or, for a control, read from the method's own run (its parent in the store,
-    run first if it is not done)."""
+    """The method's masks for this run's model: the stored ones when the run's prune record
+    vouches for them (same digest), else pruned anew; for a control, those of the method's own
+    run (its parent in the store, run again first if it is not done or its masks changed)."""
     if config.control != "none":
-        parent = run.store.ensure(EXPERIMENT, replace(config, control="none"), execute)
+        parent = run.store.ensure(
+            EXPERIMENT, replace(config, control="none"), execute, intact=_pruned_intact
+        )
         run.link(parent)
         return Masks.load(parent.path("masks.safetensors"))
-    if run.has("masks.safetensors"):
+    if _pruned_intact(run):
         return Masks.load(run.path("masks.safetensors"))
     options = {"seed": config.seed} if lookup(config.method).takes_seed() else {}
     masks = prune_at_init(
@@ -140,7 +153,8 @@ def execute(run: Run) -> None:
             masks = shuffle_within_layers(masks, seed=config.seed)
         elif config.control == "reinit":
             model = models.create_for(config.model, data, seed=config.seed + REINIT_SEED_OFFSET)
-        run.record("prune", 0, pruned)
+        files = ["masks.safetensors"] if config.control == "none" else []
+        run.record("prune", 0, pruned, files=files)
     result = train(model, data, config.train_config(), masks=masks)
     best = result.early_stop
     run.record(
@@ -170,12 +184,14 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
     rows = store.records(EXPERIMENT, kind="result")
     if not rows:
         raise ValueError(f"no finished {EXPERIMENT} runs in {results}")
-    table = aggregate(
-        rows,
-        by=["model", "data", "method", "control", "density"],
-        values=["test_acc", "early_stop_test_acc"],
-    )
-    table.sort(key=lambda r: (r["method"] != "dense", r["method"], r["control"], -r["density"]))
+    by, varying = configuration_groups(rows, store.config_keys(EXPERIMENT))
+    shown = ["model", "method", "control", "density %", "test acc %", "early-stop acc %", "n"]
+    extra = [k for k in varying if k not in ("model", "method", "control", "density")]
+    table = aggregate(rows, by=by, values=["test_acc", "early_stop_test_acc"])
+    table.sort(
+        key=lambda r: (r["method"] != "dense", r["method"], r["control"], -r["density"],
+                       describe(r, extra))
+    )  # fmt: skip
     for row in table:
         row["density %"] = 100 * row["density"]
         row["test acc %"] = f"{100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_std']:.2f}"
@@ -185,11 +201,9 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
         )
     paths = {}
     md, csv = write_table(
-        table,
-        ["model", "method", "control", "density %", "test acc %", "early-stop acc %", "n"],
-        out.parent / out.name,
+        table, [*shown[:4], *extra, *shown[4:]], out.parent / out.name,
         formats={"density %": "{:g}"},
-    )
+    )  # fmt: skip
     paths["table"], paths["csv"] = md, csv
     dense = [r for r in table if r["method"] == "dense"]
     series: dict[str, list[tuple[float, float, float]]] = {}
@@ -197,6 +211,8 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
         if row["method"] == "dense":
             continue
         label = row["method"] + ("" if row["control"] == "none" else f" ({row['control']})")
+        if extra:
+            label += f" [{describe(row, extra)}]"
         series.setdefault(label, []).append(
             (100 * row["density"], 100 * row["test_acc_mean"], 100 * row["test_acc_std"])
         )

@@ -29,9 +29,15 @@ from winnow.analysis import shuffle_within_layers
 from winnow.core.densities import check_scope, check_sparsity
 from winnow.core.masks import Masks
 from winnow.experiments.common import load_data
-from winnow.experiments.configs import check_run_seed
+from winnow.experiments.configs import check_run_seed, flatten
 from winnow.experiments.registry import Axis, Experiment, register
-from winnow.experiments.report import aggregate, line_plot, write_table
+from winnow.experiments.report import (
+    aggregate,
+    configuration_groups,
+    describe,
+    line_plot,
+    write_table,
+)
 from winnow.experiments.store import Run, RunStore
 from winnow.options import option
 from winnow.schedules.lottery import iterative_magnitude_pruning, lottery_rates, train_round
@@ -138,19 +144,20 @@ def _masks_file(round_: int) -> str:
 
 
 def _execute_ticket(run: Run) -> None:
+    """The ticket's rounds, resumed after the last round whose files are intact: round 0's
+    record names θ₀, θ_k and the first two masks, every later round's the mask it pruned, so a
+    damaged or replaced file makes the round that wrote it run again."""
     config: LotteryConfig = run.config
     data = load_data(config.data, config.seed, config.data_limit)
-    model = models.create_for(config.model, data, seed=config.seed)
-    if run.has("init.safetensors"):
-        model.load_state_dict(run.load_tensors("init.safetensors"))
-    else:
-        run.save_tensors("init.safetensors", model.state_dict())
-    done = run.completed("round")
-    start = max(done) + 1 if done else 0
+    model = models.create_for(config.model, data, seed=config.seed)  # θ₀, the same every time
+    done = run.resume("round")
+    start = next(r for r in range(config.rounds + 2) if r not in done)
     if start > config.rounds:
         return
     resume = {}
-    if start > 0:
+    if start == 0:
+        run.save_tensors("init.safetensors", model.state_dict())
+    else:
         resume = {
             "masks": Masks.load(run.path(_masks_file(start))),
             "rewind_state": run.load_tensors("rewind.safetensors"),
@@ -167,11 +174,17 @@ def _execute_ticket(run: Run) -> None:
         **resume,
     )
     for r in rounds:
+        files = [_masks_file(r.round + 1)]
         if r.round == 0:
             run.save_tensors("rewind.safetensors", r.rewind_state, {"iteration": config.rewind})
             r.masks.save(run.path(_masks_file(0)))
+            files = ["init.safetensors", "rewind.safetensors", _masks_file(0), *files]
         r.next_masks.save(run.path(_masks_file(r.round + 1)))
-        run.record("round", r.round, _metrics(r.masks, r.result))
+        run.record("round", r.round, _metrics(r.masks, r.result), files=files)
+
+
+def _ticket_intact(ticket: Run) -> bool:
+    return ticket.intact("round", range(ticket.config.rounds + 1))
 
 
 def _execute_control(run: Run) -> None:
@@ -179,6 +192,12 @@ def _execute_control(run: Run) -> None:
     ticket = run.store.require(
         EXPERIMENT, config.ticket(), f"the {config.control} control needs its ticket run"
     )
+    if not _ticket_intact(ticket):
+        ticket.interrupted()  # the next sweep redoes the rounds whose files are damaged
+        raise RuntimeError(
+            f"the files of ticket run {EXPERIMENT}/{ticket.run_id} are damaged or changed; "
+            "it is marked interrupted and is resumed (recomputed) by the next run of the sweep"
+        )
     run.link(ticket)
     data = load_data(config.data, config.seed, config.data_limit)
     model = models.create_for(config.model, data, seed=config.seed)
@@ -215,14 +234,6 @@ def execute(run: Run) -> None:
         _execute_control(run)
 
 
-GROUP = ("model", "data", "rate", "scope", "rewind")
-
-
-def _label(row: dict, rewinds: set[int]) -> str:
-    label = LABELS[row["control"]]
-    return f"{label}, rewind {row['rewind']}" if len(rewinds) > 1 else label
-
-
 def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path]:
     """Rebuild the lottery-ticket report from the store at ``results``.
 
@@ -238,21 +249,23 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
     rows = store.records(EXPERIMENT, kind="round")
     if not rows:
         raise ValueError(f"no finished {EXPERIMENT} runs in {results}")
-    table = _round_table(rows)
+    by, varying = configuration_groups(rows, store.config_keys(EXPERIMENT))
+    extra = [k for k in varying if k not in ("model", "control")]
+    table = _round_table(rows, by)
     paths = {}
     paths["table"], paths["csv"] = write_table(
         table,
-        ["model", "rewind", "method", "round", "remaining %", "early-stop acc %",
+        ["model", *extra, "method", "round", "remaining %", "early-stop acc %",
          "final acc %", "early-stop iteration", "n"],
         out,
         formats={"remaining %": "{:.3g}"},
     )  # fmt: skip
-    paths.update(_plots(table, f"{rows[0]['model']} on {rows[0]['data']}", out))
-    overlap = mask_overlaps(store)
+    paths.update(_plots(table, extra, f"{rows[0]['model']} on {rows[0]['data']}", out))
+    overlap, overlap_fields = _overlaps(store)
     if overlap:
         paths["overlap"], paths["overlap_csv"] = write_table(
             overlap,
-            ["model", "rewind", "round", "remaining %", "seeds", "across seeds",
+            ["model", *overlap_fields, "round", "remaining %", "seeds", "across seeds",
              "random expectation", "with previous round"],
             out.parent / f"{out.name}-overlap",
             formats={"remaining %": "{:.3g}", "across seeds": ".4f",
@@ -261,14 +274,15 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
     return paths
 
 
-def _round_table(rows: list[dict]) -> list[dict]:
-    """Mean ± std over seeds per configuration group, control and round, formatted."""
+def _round_table(rows: list[dict], by: list[str]) -> list[dict]:
+    """Mean ± std over seeds per configuration (every field but the seed) and round."""
     table = aggregate(
         rows,
-        by=[*GROUP, "control", "step"],
+        by=[*by, "step"],
         values=["density", "early_stop_test_acc", "test_acc", "early_stop_iteration"],
     )
-    table.sort(key=lambda r: (*(str(r[k]) for k in GROUP), CONTROLS.index(r["control"]), r["step"]))
+    others = [k for k in by if k != "control"]
+    table.sort(key=lambda r: (describe(r, others), CONTROLS.index(r["control"]), r["step"]))
     for row in table:
         row["round"] = row["step"]
         row["remaining %"] = 100 * row["density_mean"]
@@ -281,13 +295,13 @@ def _round_table(rows: list[dict]) -> list[dict]:
     return table
 
 
-def _plots(table: list[dict], name: str, out: Path) -> dict[str, Path]:
-    """Early-stop accuracy and early-stop iteration against the percent of weights left."""
-    rewinds = {r["rewind"] for r in table}
+def _plots(table: list[dict], extra: list[str], name: str, out: Path) -> dict[str, Path]:
+    """Early-stop accuracy and early-stop iteration against the percent of weights left, a
+    line per control and configuration (``extra``: the fields that differ)."""
     accuracy: dict[str, list] = {}
     early: dict[str, list] = {}
     for row in table:
-        label = _label(row, rewinds)
+        label = LABELS[row["control"]] + (f", {describe(row, extra)}" if extra else "")
         x = row["remaining %"]
         accuracy.setdefault(label, []).append(
             (x, 100 * row["early_stop_test_acc_mean"], 100 * row["early_stop_test_acc_std"])
@@ -330,27 +344,35 @@ def _random_jaccard(masks: Masks) -> float:
 
 
 def mask_overlaps(store: RunStore) -> list[dict]:
-    """Jaccard overlaps of the finished tickets' masks, per configuration group and round.
+    """Jaccard overlaps of the finished tickets' masks, per configuration (every field but the
+    seed) and round.
 
     ``across seeds``: mean over pairs of seeds of |m ∩ m'| / |m ∪ m'|; ``random
     expectation``: the same for random masks with those per-layer densities; ``with previous
     round``: mean over seeds of the overlap of round r's mask with round r-1's (for nested
-    masks this is the density ratio, a check that no pruned weight came back).
+    masks this is the density ratio, a check that no pruned weight came back). Each row also
+    holds the model and the configuration fields that differ between the groups.
     """
+    return _overlaps(store)[0]
+
+
+def _overlaps(store: RunStore) -> tuple[list[dict], list[str]]:
     tickets = [r for r in store.runs(EXPERIMENT, status="done") if r["config"]["control"] == "none"]
-    groups: dict[tuple, list[dict]] = {}
-    for ticket in tickets:
-        config = ticket["config"]
-        groups.setdefault(tuple(config[k] for k in GROUP), []).append(ticket)
+    configs = [flatten(t["config"]) for t in tickets]
+    by, varying = configuration_groups(configs, list(dict.fromkeys(k for c in configs for k in c)))
+    fields = [k for k in varying if k != "model"]
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for ticket, config in zip(tickets, configs, strict=True):
+        groups.setdefault(describe(config, by), []).append((ticket, config))
     rows = []
-    for key, members in groups.items():
-        dirs = [store.run_dir(EXPERIMENT, m["run_id"]) for m in members]
-        rounds = min(m["config"]["rounds"] for m in members)
+    for members in groups.values():
+        dirs = [store.run_dir(EXPERIMENT, ticket["run_id"]) for ticket, _ in members]
+        config = members[0][1]
         previous: list[Masks] | None = None
-        for round_ in range(rounds + 1):
+        for round_ in range(config["rounds"] + 1):
             masks = [Masks.load(d / _masks_file(round_)) for d in dirs]
             pairs = list(itertools.combinations(masks, 2))
-            row = dict(zip(GROUP, key, strict=True))
+            row = {"model": config["model"], **{k: config.get(k) for k in fields}}
             row.update(
                 {
                     "round": round_,
@@ -369,7 +391,7 @@ def mask_overlaps(store: RunStore) -> list[dict]:
             )
             rows.append(row)
             previous = masks
-    return rows
+    return rows, fields
 
 
 EXPERIMENT_SPEC = register(

@@ -51,6 +51,28 @@ def aggregate(
     return out
 
 
+def configuration_groups(
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], ignore: Sequence[str] = ("seed",)
+) -> tuple[list[str], list[str]]:
+    """How to group records of runs: by every configuration field in ``keys`` but those in
+    ``ignore`` (the seed: runs that differ only by it are repetitions), so runs of different
+    configurations never pool. Returns ``(by, varying)``: the grouping keys, and those whose
+    value differs between the rows (a report shows them, so its table says which fields
+    differ)."""
+    by = [k for k in keys if k not in ignore]
+
+    def value(row: Mapping[str, Any], key: str) -> str:
+        return json.dumps(row.get(key), sort_keys=True, default=str)
+
+    varying = [k for k in by if len({value(r, k) for r in rows}) > 1]
+    return by, varying
+
+
+def describe(row: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """``"epochs=2, lr=0.01"``: the values of ``keys`` in a row (for labels)."""
+    return ", ".join(f"{k}={row.get(k)}" for k in keys)
+
+
 def _cell(value: Any, spec: str | None) -> str:
     if value is None:
         return ""

@@ -39,7 +39,14 @@ from winnow import models
 from winnow.experiments.common import load_data
 from winnow.experiments.configs import check_run_seed
 from winnow.experiments.registry import Axis, Experiment, register
-from winnow.experiments.report import aggregate, bar_plot, markdown_table, write_table
+from winnow.experiments.report import (
+    aggregate,
+    bar_plot,
+    configuration_groups,
+    describe,
+    markdown_table,
+    write_table,
+)
 from winnow.experiments.store import Run, RunStore
 from winnow.io import atomic_write_bytes
 from winnow.options import option
@@ -251,9 +258,12 @@ def _pretrained(run: Run, config: ScratchConfig, data, spec: dict, strength: flo
                 "seconds": result.seconds,
                 "iterations": result.iterations,
             },
+            files=["weights.safetensors"],
         )
 
-    shared = run.store.ensure(PRETRAINED, key, pretrain)
+    shared = run.store.ensure(
+        PRETRAINED, key, pretrain, intact=lambda done: done.intact("result", [0])
+    )
     run.link(shared)
     model = rebuild(spec, seed=config.seed)
     model.load_state_dict(shared.load_tensors("weights.safetensors"))
@@ -292,9 +302,10 @@ def _learned_gates(run: Run, config: ScratchConfig, data, model) -> tuple[dict, 
                 "gate_seconds": found.seconds,
                 "gate_iterations": found.iterations,
             },
+            files=["gates.safetensors"],
         )
 
-    shared = run.store.ensure(GATES, key, learn)
+    shared = run.store.ensure(GATES, key, learn, intact=lambda done: done.intact("gates", [0]))
     run.link(shared)
     return shared.load_tensors("gates.safetensors"), shared.completed("gates")[0]
 
@@ -347,7 +358,7 @@ def execute(run: Run) -> None:
     config: ScratchConfig = run.config
     data = load_data(config.data, config.seed, config.data_limit)
     dense_spec = spec_for(config.model, data, **config.model_options())
-    if 0 in run.completed("structure"):
+    if 0 in run.resume("structure"):
         found = run.load_json("structure.json")
     else:
         found = _find_structure(run, config, data, dense_spec)
@@ -365,6 +376,7 @@ def execute(run: Run) -> None:
                 "search_seconds": found["search_seconds"],
                 "gate_chosen": found.get("gate_chosen"),
             },
+            files=["structure.json"],
         )
     structure = Structure.from_dict(found["structure"])
     if config.method == "dense":
@@ -441,18 +453,17 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
     if not rows:
         raise ValueError(f"no finished {EXPERIMENT} runs in {results}")
     values = ["test_acc", "params", "flops", "flops_ratio", "latency_ms", "speedup"]
-    table = aggregate(
-        rows,
-        by=["model", "data", "method", "budget"],
-        values=[*values, "search_seconds", "train_seconds"],
-    )
+    by, varying = configuration_groups(rows, store.config_keys(EXPERIMENT))
+    extra = [k for k in varying if k not in ("model", "method", "budget")]
+    table = aggregate(rows, by=by, values=[*values, "search_seconds", "train_seconds"])
     order = {m: i for i, m in enumerate(METHODS[::-1])}
-    table.sort(key=lambda r: (-r["budget"], order[r["method"]]))
+    table.sort(key=lambda r: (describe(r, extra), -r["budget"], order[r["method"]]))
+    setting = [k for k in by if k not in ("method", "budget")]  # what a dense run shares
     dense_train = {
-        (r["model"], r["data"]): r["train_seconds_mean"] for r in table if r["method"] == "dense"
+        describe(r, setting): r["train_seconds_mean"] for r in table if r["method"] == "dense"
     }
     for row in table:
-        full = dense_train.get((row["model"], row["data"]))
+        full = dense_train.get(describe(row, setting))
         search = row["search_seconds_mean"] if row["method"] != "dense" else None
         row["budget %"] = 100 * row["budget"]
         row["test acc %"] = _pct(row["test_acc_mean"], row["test_acc_std"])
@@ -466,6 +477,7 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
         row["search / training"] = search / full if search is not None and full else None
     columns = [
         "model",
+        *extra,
         "method",
         "budget %",
         "n",

@@ -40,7 +40,16 @@ DATABASE_NAME = "winnow.sqlite"
 RESERVED_KEYS = frozenset({"run_id", "kind", "step"})
 """Keys that :meth:`RunStore.records` adds to every row; a record's data may not use them."""
 
-__all__ = ["DATABASE_NAME", "STATUSES", "Run", "RunStore", "StoreError", "file_digest"]
+__all__ = [
+    "DATABASE_NAME",
+    "STATUSES",
+    "Run",
+    "RunStore",
+    "StoreError",
+    "check_store",
+    "file_digest",
+    "repair_store",
+]
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -167,13 +176,17 @@ class RunStore:
         config: Any,
         execute: Callable[[Run], None],
         parent: Run | None = None,
+        intact: Callable[[Run], bool] | None = None,
     ) -> Run:
         """The finished run of ``config``, executing it first if it is not done: a shared
         artefact (pretrained weights, learned gates) as a run of its own, with a status,
-        records and files, resumed like any run. A failure marks it failed and re-raises."""
+        records and files, resumed like any run. ``intact(run)`` says whether a finished run's
+        files are still sound (:meth:`Run.intact`); one that is not is run again. A failure
+        marks it failed and re-raises."""
         found = self.open(experiment, config)
         if found is not None and self.status(experiment, found.run_id) == "done":
-            return found
+            if intact is None or intact(found):
+                return found
         run = self.begin(experiment, config, parent)
         try:
             execute(run)
@@ -288,21 +301,21 @@ class RunStore:
             rows = db.execute("SELECT DISTINCT experiment FROM runs ORDER BY experiment")
             return [r[0] for r in rows.fetchall()]
 
-    # -- the index and the files ---------------------------------------------------------------
-    def check(self) -> list[str]:
-        """What is wrong with this store's index (empty: nothing found); see
-        :func:`winnow.experiments.index.check`."""
-        self.close()
-        return idx.check(self.database, self.root)
 
-    def repair(self) -> dict[str, int]:
-        """Rebuild the index from the run directories (the files are the source of truth);
-        returns how many runs and records the new index holds. Nothing else may use the store
-        while it is repaired."""
-        self.close()
-        counts = idx.rebuild(self.root, self.database)
-        self.index = idx.Index(self.database, self.root)
-        return counts
+def check_store(root: str | os.PathLike) -> list[str]:
+    """What is wrong with the run store at ``root`` (empty: nothing found): SQLite's integrity
+    check, every row's checksum, and runs the index and the run directories disagree on. Does
+    not open the store (its index may be too damaged to open)."""
+    root = Path(root)
+    return idx.check(root / DATABASE_NAME, root)
+
+
+def repair_store(root: str | os.PathLike) -> dict[str, int]:
+    """Rebuild the index of the run store at ``root`` from its run directories (the files are
+    the source of truth), replacing ``winnow.sqlite`` atomically; returns how many runs and
+    records the new index holds. Nothing else may use the store while it is repaired."""
+    root = Path(root)
+    return idx.rebuild(root, root / DATABASE_NAME)
 
 
 class Run:
@@ -378,6 +391,26 @@ class Run:
                 break
             done[step] = json.loads(data)
         return done
+
+    def resume(self, kind: str) -> dict[int, dict[str, Any]]:
+        """:meth:`completed`, after dropping the records of the steps that come after it (a
+        step whose files were damaged or replaced, and everything after it, is redone)."""
+        done = self.completed(kind)
+        with self.store.index.connection() as db:
+            steps = [
+                row[0]
+                for row in db.execute(
+                    "SELECT step FROM records WHERE experiment = ? AND run_id = ? AND kind = ?",
+                    (self.experiment, self.run_id, kind),
+                )
+            ]
+        self.forget(kind, [s for s in steps if s not in done])
+        return done
+
+    def intact(self, kind: str, steps: Iterable[int]) -> bool:
+        """Whether every step of ``steps`` is recorded with its files intact."""
+        done = self.completed(kind)
+        return all(step in done for step in steps)
 
     def forget(self, kind: str, steps: Iterable[int]) -> None:
         """Drop the records ``(kind, step)`` for ``steps`` (steps to be redone)."""
