@@ -281,7 +281,7 @@ def test_absurd_shapes_allocate_nothing(lenet300_file, tmp_path):
     try:
         # with no bound on the size, the streams' sizes refuse the count before any allocation
         with pytest.raises(SparseFileError, match="value bytes, expected"):
-            load_sparse(bad, max_tensor_bytes=2**62)
+            load_sparse(bad, max_tensor_bytes=2**62, max_total_bytes=2**66)
         with pytest.raises(SparseFileError, match="max_tensor_bytes"):
             load_sparse(bad)
         peak = tracemalloc.get_traced_memory()[1]

@@ -305,27 +305,47 @@ def _load_mnist(*, root: str | Path | None = None) -> _Raw:
 # CIFAR-10 (python pickle batches, read with a restricted unpickler)
 
 
-def _numpy_reconstruct() -> Callable[..., Any]:
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]  # numpy 1
-    return _reconstruct
+class _ArrayType:
+    """What the unpickler hands out for ``numpy.ndarray``: only :func:`_empty_array` accepts
+    it, so a pickle can name the array type but never call it (``numpy.ndarray(shape)`` would
+    allocate ``shape`` of uninitialised memory from a file of a few bytes)."""
+
+
+def _empty_array(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` as its pickles use it: an empty array whose contents the
+    pickle's state then fills. Anything else (another type, a non-empty shape) is refused."""
+    if subtype is not _ArrayType or tuple(shape) != (0,):
+        raise UnsafePickleError("refused an array reconstruction that is not numpy's own")
+    return np.ndarray((0,), dtype=np.uint8)
+
+
+def _plain_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """``numpy.dtype`` for plain numbers only (object dtypes would unpickle Python objects)."""
+    if not isinstance(spec, (str, bytes)):
+        raise UnsafePickleError(f"refused dtype {spec!r}")
+    dtype = np.dtype(spec.decode("latin1") if isinstance(spec, bytes) else spec)
+    if dtype.kind not in "biuf":
+        raise UnsafePickleError(f"refused dtype {dtype}: a CIFAR-10 batch holds numbers only")
+    return dtype
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals needed to rebuild plain numpy arrays.
 
     Dicts, lists, ints, bytes and str need no global; a numpy array needs its reconstructor,
-    ``numpy.ndarray`` and ``numpy.dtype``. Every other global (a function to call, a class to
-    instantiate) raises :class:`UnsafePickleError` before anything is executed.
+    ``numpy.ndarray`` and ``numpy.dtype``, and gets stand-ins for them: the reconstructor makes
+    only the empty array numpy's pickles start from, the array type cannot be called, and
+    dtypes are plain numbers. The array's contents then come from its pickled state, which
+    numpy checks against the declared shape, so every array's bytes are in the file. Every
+    other global (a function to call, a class to instantiate) raises
+    :class:`UnsafePickleError` before anything is executed.
     """
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
+    _STAND_INS = {
+        ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+        ("numpy._core.multiarray", "_reconstruct"): _empty_array,
+        ("numpy", "ndarray"): _ArrayType,
+        ("numpy", "dtype"): _plain_dtype,
     }
 
     def __init__(self, file: io.BufferedIOBase, source: Path) -> None:
@@ -333,20 +353,26 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         self._source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
+        if (module, name) not in self._STAND_INS:
             raise UnsafePickleError(
                 f"{self._source}: refused global {module}.{name}; a CIFAR-10 batch holds only "
                 "dicts, lists, bytes, ints and numpy arrays, so this file is not one (or has been "
                 "tampered with)"
             )
-        if name == "_reconstruct":
-            return _numpy_reconstruct()
-        return getattr(np, name)
+        return self._STAND_INS[(module, name)]
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with path.open("rb") as f:
-        batch = _ArrayOnlyUnpickler(f, path).load()
+        try:
+            batch = _ArrayOnlyUnpickler(f, path).load()
+        except UnsafePickleError as err:
+            message = str(err)
+            raise UnsafePickleError(
+                message if message.startswith(str(path)) else f"{path}: {message}"
+            ) from None
+        except (pickle.UnpicklingError, ValueError, TypeError, EOFError) as err:
+            raise ValueError(f"{path}: not a readable CIFAR-10 batch ({err})") from None
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a dict, got {type(batch).__name__}")
     entries = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}

@@ -253,6 +253,8 @@ class _Loop:
         self, model, data, config, masks, start_iteration, regularizer, pruner, optimizer,
         callbacks, eval_splits, device,
     ) -> None:  # fmt: skip
+        if len(data.y_train) == 0:
+            raise ValueError("the training split is empty: there is nothing to train on")
         self.model, self.config, self.device = model.to(device), config, device
         self.loader = Batches(
             data.x_train, data.y_train, config.batch_size, shuffle=True, seed=config.seed

@@ -18,6 +18,7 @@ from winnow.cli.command import Command
 from winnow.core.masks import Masks
 from winnow.formats import values as value_codecs
 from winnow.formats.checkpoint import (
+    MAX_TOTAL_BYTES,
     TensorInfo,
     encode_state,
     inspect_sparse,
@@ -136,7 +137,7 @@ def _cmd_pack(args: argparse.Namespace) -> None:
 def _cmd_unpack(args: argparse.Namespace) -> None:
     from safetensors.torch import save
 
-    state = load_sparse(args.input)
+    state = load_sparse(args.input, max_total_bytes=args.max_bytes)
     data = save({k: v.contiguous() for k, v in state.items()})
     atomic_write_bytes(args.out, data)
     print(f"{len(state)} tensors written to {args.out} ({_human(len(data))})")
@@ -183,6 +184,13 @@ def _pack_options(parser: argparse.ArgumentParser) -> None:
 def _unpack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="a sparse checkpoint (winnow pack)")
     parser.add_argument("--out", type=Path, required=True, help="the safetensors file to write")
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=MAX_TOTAL_BYTES,
+        help="refuse a file whose tensors would decode to more bytes than this "
+        f"(default: half of this machine's memory, {MAX_TOTAL_BYTES:,})",
+    )
 
 
 def _inspect_options(parser: argparse.ArgumentParser) -> None:

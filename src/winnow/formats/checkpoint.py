@@ -41,8 +41,22 @@ from winnow.formats.errors import SparseFileError
 from winnow.io import read_container, sniff, to_json, write_container
 
 FILE_FORMAT = "winnow.sparse"
-MAX_TENSOR_BYTES = 1 << 34
-"""Default bound on one decoded tensor (16 GiB): larger claims are refused before allocating."""
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+MAX_TOTAL_BYTES = min(1 << 36, (_physical_memory() or 1 << 36) // 2)
+"""Default bound on all the decoded tensors of one file together: half of this machine's
+memory, at most 64 GiB. A sparse file can be tiny and decode to a huge tensor (a COO tensor of
+2^28 zeros is a few hundred bytes); claims beyond the bound are refused before anything is
+decoded or hashed (pass a larger bound to load such a file on purpose)."""
+MAX_TENSOR_BYTES = min(1 << 34, MAX_TOTAL_BYTES)
+"""Default bound on one decoded tensor (16 GiB, or less on a machine with less memory)."""
 _MAX_NDIM = 64
 _SHA = re.compile(r"[0-9a-f]{64}")
 
@@ -271,9 +285,10 @@ def _parse_entry(path: Path, name: str, raw: Any, max_tensor_bytes: int) -> _Ent
 
 
 def _open(
-    path: str | os.PathLike, read: bool, max_tensor_bytes: int
+    path: str | os.PathLike, read: bool, max_tensor_bytes: int, max_total_bytes: int | None = None
 ) -> tuple[Path, list[_Entry], dict]:
-    """The checkpoint's entries, validated, and its arrays as numpy (their shapes, unread)."""
+    """The checkpoint's entries, validated (each against ``max_tensor_bytes``, all together
+    against ``max_total_bytes``), and its arrays as numpy (their shapes, unread)."""
     container = read_container(
         path, FILE_FORMAT, error=SparseFileError, what="winnow sparse checkpoint", read_arrays=read
     )
@@ -282,6 +297,12 @@ def _open(
         _parse_entry(path, name, container.entries[name], max_tensor_bytes)
         for name in container.order
     ]
+    total = sum(e.info().numel * DTYPES[e.dtype].itemsize for e in entries)
+    if max_total_bytes is not None and total > max_total_bytes:
+        raise SparseFileError(
+            f"{path}: its tensors would decode to {total:,} bytes, more than "
+            f"max_total_bytes={max_total_bytes:,} (corrupted, or pass a larger bound)"
+        )
     if read:
         arrays = {k: a.numpy() for k, a in container.arrays.items()}
     else:
@@ -346,15 +367,18 @@ def load_sparse(
     path: str | os.PathLike,
     map_location: str | torch.device = "cpu",
     max_tensor_bytes: int = MAX_TENSOR_BYTES,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
 ) -> dict[str, Tensor]:
     """Read a file written by :func:`save_sparse`: the state_dict, bitwise as it was saved.
 
     Never unpickles. A truncated or corrupted file, a checksum mismatch, an unknown format,
     dtype or codec, or shapes and counts that the streams cannot hold raise
     :class:`SparseFileError` (a ``ValueError``) naming the file and the tensor; a tensor that
-    would decode to more than ``max_tensor_bytes`` is refused before anything is allocated.
+    would decode to more than ``max_tensor_bytes``, or a file whose tensors together would take
+    more than ``max_total_bytes`` (default: half of this machine's memory), is refused before
+    anything is decoded, allocated or hashed.
     """
-    path, entries, arrays = _open(path, True, max_tensor_bytes)
+    path, entries, arrays = _open(path, True, max_tensor_bytes, max_total_bytes)
     return {e.name: _decode_entry(path, e, arrays).to(map_location) for e in entries}
 
 

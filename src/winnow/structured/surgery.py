@@ -404,12 +404,29 @@ def save(path: str | os.PathLike, model: nn.Module, spec: Mapping[str, Any]) -> 
 def load(path: str | os.PathLike, base: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """Read a file written by :func:`save`: ``(model, spec)``, never unpickling anything.
 
-    The architecture is rebuilt from the stored spec (``base``: the dense module, for specs
-    of custom modules) and the weights are loaded strictly.
+    The weights are read and verified first; the architecture the stored spec describes
+    (``base``: the dense module, for specs of custom modules) is then built on the meta device
+    and must hold exactly the file's tensors (names and shapes) before it is built for
+    real, so a small file cannot make winnow build a large model; the weights are loaded
+    strictly. ``ValueError`` names any mismatch.
     """
     from winnow.io import load_tensors, tensor_metadata
 
-    spec = tensor_metadata(path)["spec"]
+    spec = tensor_metadata(path).get("spec")
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{path}: no architecture spec in its metadata")
+    tensors = load_tensors(path)
+    with torch.device("meta"):
+        shape = rebuild(spec, base=None if base is None else copy.deepcopy(base).to("meta"))
+    expected = {k: tuple(v.shape) for k, v in shape.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        wrong = sorted(set(expected) ^ set(found)) or sorted(
+            k for k in expected if expected[k] != found[k]
+        )
+        raise ValueError(
+            f"{path}: the spec describes tensors the file does not hold (first: {wrong[:3]})"
+        )
     model = rebuild(spec, base=base)
-    model.load_state_dict(load_tensors(path))
+    model.load_state_dict(tensors)
     return model, spec
