@@ -12,3 +12,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-count",
+        type=int,
+        default=150,
+        help="mutations per file kind in test_fuzz.py (default 150; bench/reliability.py runs "
+        "ten thousand)",
+    )

@@ -102,6 +102,9 @@ class Index:
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         with self.connection() as db:
+            result = while_locked(lambda: db.execute("PRAGMA quick_check").fetchall())
+            if result != [("ok",)]:
+                raise self.damaged(f"SQLite's quick check: {result[0][0]}")
             while_locked(lambda: _create_schema(db))
 
     def damaged(self, err: Exception) -> StoreError:
@@ -118,7 +121,7 @@ class Index:
                 if self._conn is None or self._pid != os.getpid():
                     self._conn, self._pid = _connect(self.database), os.getpid()
                 yield self._conn
-            except sqlite3.DatabaseError as err:
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as err:
                 if isinstance(err, sqlite3.OperationalError) and "locked" in str(err):
                     raise
                 raise self.damaged(err) from None
@@ -133,9 +136,11 @@ class Index:
         """A runs row ``(experiment, run_id, config, status, error, parent, checksum, ...)``
         after its checksum is checked."""
         experiment, run_id, config, status, error, parent, checksum = row[:7]
-        if checksum is not None and checksum != run_checksum(
-            experiment, run_id, config, status, error, parent
-        ):
+        try:
+            expected = run_checksum(experiment, run_id, config, status, error, parent)
+        except (TypeError, ValueError):
+            expected = None
+        if (checksum is not None or expected is None) and checksum != expected:
             raise StoreError(
                 f"{self.database}: run {experiment}/{run_id} fails its checksum (damaged); "
                 f"`winnow experiment repair --results {self.root}` rebuilds the index"
@@ -146,9 +151,11 @@ class Index:
         """A records row ``(experiment, run_id, kind, step, data, files, checksum, ...)``
         after its checksum is checked."""
         experiment, run_id, kind, step, data, files, checksum = row[:7]
-        if checksum is not None and checksum != record_checksum(
-            experiment, run_id, kind, step, data, files
-        ):
+        try:
+            expected = record_checksum(experiment, run_id, kind, step, data, files)
+        except (TypeError, ValueError):  # a garbled row: no step, say
+            expected = None
+        if (checksum is not None or expected is None) and checksum != expected:
             raise StoreError(
                 f"{self.database}: record {kind!r} step {step} of run {experiment}/{run_id} "
                 f"fails its checksum (damaged); `winnow experiment repair --results "

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,7 @@ class RunStore:
         params = (experiment, status) if status else (experiment,)
         with self.index.connection() as db:
             rows = db.execute(query, params).fetchall()
+        self._check_against_files(experiment, status, {row[1] for row in rows})
         out = []
         for row in rows:
             _, run_id, config, status_, error, parent, _, started, finished = (
@@ -274,6 +276,9 @@ class RunStore:
         query += " ORDER BY u.started, r.run_id, r.kind, r.step"
         with self.index.connection() as db:
             rows = db.execute(query, params).fetchall()
+        self._check_against_files(
+            experiment, status, records=Counter((r[1], r[2]) for r in rows), kind=kind
+        )
         configs: dict[str, dict[str, Any]] = {}
         out = []
         for row in rows:
@@ -286,6 +291,45 @@ class RunStore:
                 record.setdefault(key, value)
             out.append(record)
         return out
+
+    def _check_against_files(
+        self,
+        experiment: str,
+        status: str | None,
+        runs: set[str] | None = None,
+        records: Counter | None = None,
+        kind: str | None = None,
+    ) -> None:
+        """``StoreError`` if a query of the index returned fewer rows than the run directories
+        (the source of truth) vouch for: rows a damaged database dropped have no checksum to
+        fail. A run that ended wrote its status file with how many records of each kind it had
+        then; a query of runs must have returned its row (``runs``: the run ids it returned),
+        a query of records exactly that many of them (``records``: counts by
+        ``(run_id, kind)``). ``status`` and ``kind`` are the
+        query's filters. Runs of winnow 0.1 (no ``status.json``) and runs still going are not
+        compared."""
+        for status_file in (self.root / experiment).glob("*/status.json"):
+            run_id = status_file.parent.name
+            try:
+                state = json.loads(status_file.read_text(encoding="utf-8"))
+                ended, counts = state["status"] != "running", state.get("records")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if not ended or (status is not None and state["status"] != status):
+                continue
+            if records is None:  # a query of runs: each must be there
+                lost = run_id not in runs
+            elif isinstance(counts, dict):  # a query of records: as many as it had
+                kinds = counts if kind is None else {kind: counts.get(kind, 0)}
+                lost = any(records[run_id, k] != n for k, n in kinds.items())
+            else:
+                lost = False
+            if lost:
+                raise StoreError(
+                    f"{self.database}: the index has lost rows of run {experiment}/{run_id} "
+                    f"that its files vouch for (damaged); `winnow experiment repair --results "
+                    f"{self.root}` rebuilds it from the run directories"
+                )
 
     def config_keys(self, experiment: str) -> list[str]:
         """The configuration fields of the experiment's runs, flattened (``train.epochs``), in
@@ -462,9 +506,17 @@ class Run:
         started = old_started if started is self._UNSET else started
         parent = old_parent if parent is self._UNSET else parent
         config = config or old_config
-        if status == "running":
-            finished, error = None, None
         state = {"status": status, "started": started, "finished": finished, "error": error}
+        if status == "running":
+            state.update(finished=None, error=None)
+            finished = error = None
+        else:  # what a later read checks the index against
+            with self.store.index.connection() as db:
+                state["records"] = dict(db.execute(
+                    "SELECT kind, count(*) FROM records WHERE experiment = ? AND run_id = ? "
+                    "GROUP BY kind",
+                    (self.experiment, self.run_id),
+                ))  # fmt: skip
         atomic_write_bytes(self.path("status.json"), _dumps(state, indent=2).encode())
         with self.store.index.connection() as db:
             idx.write_run(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from winnow.io.container import WinnowFileError
 
-class SparseFileError(ValueError):
+
+class SparseFileError(WinnowFileError):
     """An encoded tensor or a sparse checkpoint is truncated, corrupted, or not understood.
 
     Raised (never a crash, a hang or a huge allocation) for a truncated or corrupted file, a

@@ -416,8 +416,13 @@ def load(path: str | os.PathLike, base: nn.Module | None = None) -> tuple[nn.Mod
     if not isinstance(spec, Mapping):
         raise ValueError(f"{path}: no architecture spec in its metadata")
     tensors = load_tensors(path)
-    with torch.device("meta"):
-        shape = rebuild(spec, base=None if base is None else copy.deepcopy(base).to("meta"))
+    try:
+        with torch.device("meta"):
+            shape = rebuild(spec, base=None if base is None else copy.deepcopy(base).to("meta"))
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"{path}: invalid architecture spec ({type(err).__name__}: {err})"
+        ) from None
     expected = {k: tuple(v.shape) for k, v in shape.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != found:
