@@ -383,3 +383,17 @@ def test_an_empty_training_set_is_an_error():
     model = winnow.models.create("mlp", 4, 1, 8)
     with pytest.raises(ValueError, match="empty"):
         winnow.train(model, empty, TrainConfig(epochs=1))
+
+
+def test_check_and_repair_from_the_command_line(finished_store, capsys):
+    database = finished_store / "winnow.sqlite"
+    raw = bytearray(database.read_bytes())
+    at = raw.index(b'"test_acc":')
+    raw[at + len(b'"test_acc":') + 3] ^= 0x01  # one bit of a stored accuracy
+    database.write_bytes(bytes(raw))
+    results = ["--results", str(finished_store)]
+    assert winnow.cli.main(["experiment", "check", *results]) == 2
+    assert "checksum" in capsys.readouterr().out
+    assert winnow.cli.main(["experiment", "repair", *results]) == 0
+    assert winnow.cli.main(["experiment", "check", *results]) == 0
+    assert winnow.cli.main(["experiment", "report", "at-init", *results]) == 0

@@ -81,20 +81,18 @@ def run_experiment(args: argparse.Namespace) -> None:
 
 
 def _check_or_repair(args: argparse.Namespace) -> None:
-    from winnow.experiments import RunStore
+    from winnow.experiments import check_store, repair_store
 
     if not (args.results / "winnow.sqlite").is_file():
         raise FileNotFoundError(f"no run store in {args.results} (no winnow.sqlite)")
     if args.experiment == "repair":
-        from winnow.experiments import index
-
-        counts = index.rebuild(args.results, args.results / "winnow.sqlite")
+        counts = repair_store(args.results)
         print(
             f"index rebuilt from the run directories: {counts['runs']} runs, "
             f"{counts['records']} records"
         )
         return
-    problems = RunStore.check_path(args.results)
+    problems = check_store(args.results)
     for problem in problems:
         print(problem)
     if problems:
