@@ -64,9 +64,13 @@ class StoreError(ValueError):
     """A run store's index is damaged, or one of its rows fails its checksum."""
 
 
-def run_checksum(experiment, run_id, config, status, error, parent) -> str:
-    """SHA-256 of what a run's row says (its times are left out)."""
-    text = json.dumps([experiment, run_id, config, status, error, parent])
+RUN_COLUMNS = "experiment, run_id, config, status, error, parent, started, finished, checksum"
+"""The columns of a runs row, in the order :meth:`Index.verified_run` reads them."""
+
+
+def run_checksum(experiment, run_id, config, status, error, parent, started, finished) -> str:
+    """SHA-256 of what a run's row says."""
+    text = json.dumps([experiment, run_id, config, status, error, parent, started, finished])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -133,11 +137,12 @@ class Index:
             self._conn = None
 
     def verified_run(self, row: tuple) -> tuple:
-        """A runs row ``(experiment, run_id, config, status, error, parent, checksum, ...)``
-        after its checksum is checked."""
-        experiment, run_id, config, status, error, parent, checksum = row[:7]
+        """A runs row (the columns of :data:`RUN_COLUMNS`) after its checksum is checked."""
+        experiment, run_id, config, status, error, parent, started, finished, checksum = row
         try:
-            expected = run_checksum(experiment, run_id, config, status, error, parent)
+            expected = run_checksum(
+                experiment, run_id, config, status, error, parent, started, finished
+            )
         except (TypeError, ValueError):
             expected = None
         if (checksum is not None or expected is None) and checksum != expected:
@@ -191,7 +196,7 @@ def _create_schema(db: sqlite3.Connection) -> None:
 
 def write_run(db, experiment, run_id, config, status, started, finished, error, parent) -> None:
     """Insert or replace a run's row, with its checksum."""
-    checksum = run_checksum(experiment, run_id, config, status, error, parent)
+    checksum = run_checksum(experiment, run_id, config, status, error, parent, started, finished)
     db.execute(
         "INSERT OR REPLACE INTO runs (experiment, run_id, config, status, started, finished, "
         "error, parent, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -289,9 +294,7 @@ def check(database: Path, root: Path) -> list[str]:
                 problems += [f"integrity: {r[0]}" for r in result[:10]]
             index = Index.__new__(Index)
             index.database, index.root = database, root
-            rows = db.execute(
-                "SELECT experiment, run_id, config, status, error, parent, checksum FROM runs"
-            ).fetchall()
+            rows = db.execute(f"SELECT {RUN_COLUMNS} FROM runs").fetchall()
             known = set()
             for row in rows:
                 known.add((row[0], row[1]))

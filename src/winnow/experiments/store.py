@@ -208,8 +208,7 @@ class RunStore:
     def _run_row(self, experiment: str, run_id: str) -> tuple | None:
         with self.index.connection() as db:
             row = db.execute(
-                "SELECT experiment, run_id, config, status, error, parent, checksum, started "
-                "FROM runs WHERE experiment = ? AND run_id = ?",
+                f"SELECT {idx.RUN_COLUMNS} FROM runs WHERE experiment = ? AND run_id = ?",
                 (experiment, run_id),
             ).fetchone()
         return None if row is None else self.index.verified_run(row)
@@ -221,10 +220,8 @@ class RunStore:
         ``finished`` (Unix times), ``error`` and ``parent`` (``experiment/run_id``, or None).
         """
         _check_status(status)
-        query = (
-            "SELECT experiment, run_id, config, status, error, parent, checksum, started, "
-            "finished FROM runs WHERE experiment = ?" + (" AND status = ?" if status else "")
-        )
+        query = f"SELECT {idx.RUN_COLUMNS} FROM runs WHERE experiment = ?"
+        query += " AND status = ?" if status else ""
         query += " ORDER BY started, run_id"
         params = (experiment, status) if status else (experiment,)
         with self.index.connection() as db:
@@ -232,7 +229,7 @@ class RunStore:
         self._check_against_files(experiment, status, {row[1] for row in rows})
         out = []
         for row in rows:
-            _, run_id, config, status_, error, parent, _, started, finished = (
+            _, run_id, config, status_, error, parent, started, finished, _ = (
                 self.index.verified_run(row)
             )
             out.append(
@@ -262,8 +259,8 @@ class RunStore:
         _check_status(status)
         query = (
             "SELECT r.experiment, r.run_id, r.kind, r.step, r.data, r.files, r.checksum, "
-            "u.experiment, u.run_id, u.config, u.status, u.error, u.parent, u.checksum "
-            "FROM records AS r JOIN runs AS u "
+            + ", ".join(f"u.{c.strip()}" for c in idx.RUN_COLUMNS.split(","))
+            + " FROM records AS r JOIN runs AS u "
             "ON r.experiment = u.experiment AND r.run_id = u.run_id WHERE r.experiment = ?"
         )
         params: list[Any] = [experiment]
@@ -499,7 +496,7 @@ class Run:
         are read from the row."""
         row = self.store._run_row(self.experiment, self.run_id)
         if row is not None:
-            _, _, old_config, old_status, _, old_parent, _, old_started = row
+            _, _, old_config, old_status, _, old_parent, old_started, _, _ = row
         else:
             old_config, old_status, old_parent, old_started = config, "running", None, None
         status = status or old_status
