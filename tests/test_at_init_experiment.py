@@ -81,3 +81,24 @@ def test_bad_configs_are_rejected():
         at_init.AtInitConfig(density=2.0)
     with pytest.raises(ValueError, match="unknown control"):
         at_init.AtInitConfig(control="mirror")
+
+
+def test_a_sweep_with_failed_runs_exits_non_zero(tmp_path, monkeypatch, capsys):
+    import winnow.cli
+    from winnow.experiments import EXPERIMENTS
+
+    spec = EXPERIMENTS["at-init"]
+
+    def failing(run):
+        if run.config.method == "snip":
+            raise RuntimeError("a broken criterion")
+        spec.execute(run)
+
+    monkeypatch.setitem(EXPERIMENTS, "at-init", replace(spec, execute=failing))
+    args = ["experiment", "at-init", "--model", "mlp", "--data", "synthetic", "--methods"]
+    args += ["magnitude,snip", "--densities", "20", "--seeds", "0", "--controls", "none"]
+    args += ["--epochs", "1", "--data-limit", "100", "--results", str(tmp_path), "--no-progress"]
+    assert winnow.cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert "magnitude" in captured.out  # the report of what finished comes first
+    assert "1 of 3 runs failed" in captured.err

@@ -73,11 +73,18 @@ def run_experiment(args: argparse.Namespace) -> None:
     }
     configs = experiment.sweep(**axes, **fields)
     print(f"{len(configs)} runs into {args.results} (finished runs are skipped)")
-    experiment.run(args.results, configs, progress=not args.no_progress)
+    _, summary = experiment.run(args.results, configs, progress=not args.no_progress)
     paths = experiment.report(args.results)
     print_report(paths)
     if "structures" in paths:
         print(paths["structures"].read_text())
+    if summary.failed:
+        for run_id, error in summary.failed:
+            print(f"failed: {experiment.name}/{run_id}: {error}")
+        raise RuntimeError(
+            f"{len(summary.failed)} of {len(configs)} runs failed (their tracebacks are in "
+            f"{args.results}/{experiment.name}/<run>/traceback.txt); a rerun retries them"
+        )
 
 
 def _check_or_repair(args: argparse.Namespace) -> None:
