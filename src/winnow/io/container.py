@@ -78,10 +78,15 @@ class Container:
     metadata: dict[str, Any]
     shapes: dict[str, tuple[torch.dtype, tuple[int, ...]]]
     arrays: dict[str, Tensor] = field(default_factory=dict)
+    _owned: dict[str, list[str]] | None = field(default=None, repr=False)
 
     def keys_of(self, name: str) -> list[str]:
         """The array keys of entry ``name``, sorted (``name`` and ``name#part``)."""
-        return sorted(k for k in self.shapes if _owner(k) == name)
+        if self._owned is None:
+            self._owned = {}
+            for key in sorted(self.shapes):
+                self._owned.setdefault(_owner(key), []).append(key)
+        return self._owned.get(name, [])
 
 
 def _owner(key: str) -> str:

@@ -71,7 +71,8 @@ class Pruner:
         min_per_layer: keep at least this many weights in every tensor.
         update: an :class:`UpdateRule` applied after each selection by :meth:`prune`.
 
-    ``masks`` is the mask in force after the last pruning step (``None`` before the first).
+    ``masks`` is the mask in force after the last pruning step (``None`` before the first);
+    ``start`` the mask it started from.
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class Pruner:
         if names is None and masks is not None:
             names = list(masks)
         self.names = list(names) if names is not None else None
+        self.start = masks
         self.masks = masks
         self.min_per_layer = min_per_layer
         self.update = update
@@ -133,7 +135,7 @@ class Pruner:
         """Score ``model`` as it is now and select, if the schedule prunes at ``iteration``;
         returns the new masks (also kept in :attr:`masks`), else None. ``model`` is not
         changed: enforcing the masks is the training loop's job (:func:`winnow.enforce`)."""
-        target = self.schedule.target(iteration, self._current(model))
+        target = self.schedule.target(iteration, self._current(model, self.masks))
         if target is None:
             return None
         scores = self._score_live(model)
@@ -147,12 +149,12 @@ class Pruner:
         """The same as :meth:`step` (a pruner is also a function of the step and the model)."""
         return self.step(iteration, model)
 
-    def _current(self, model: nn.Module) -> Masks | None:
+    def _current(self, model: nn.Module, masks: Masks | None) -> Masks | None:
         """The masks in force, for the schedule: all kept before the first pruning step when
         its targets are relative to the weights alive."""
-        if self.masks is None and getattr(self.schedule, "relative", False):
+        if masks is None and getattr(self.schedule, "relative", False):
             return Masks.ones(model, self.names)
-        return self.masks
+        return masks
 
     def _score_live(self, model: nn.Module) -> Mapping[str, Tensor]:
         if self.score_function is not None:
@@ -184,29 +186,33 @@ class Pruner:
         if steps is None:
             raise ValueError(f"{self.schedule!r} prunes whenever asked: drive it with step()")
         scoring = Scoring(
-            self.criterion, model, self.data, self.options, names=self.names, masks=self.masks
+            self.criterion, model, self.data, self.options, names=self.names, masks=self.start
         )
         params = scoring.params
-        survivors = Survivors({n: p.shape for n, p in params.items()}, self.masks)
+        devices = {n: p.device for n, p in params.items()}
+        survivors = Survivors({n: p.shape for n, p in params.items()}, self.start)
+        relative = getattr(self.schedule, "relative", False)
+        current = self.start  # kept up to date only where something reads it
         from tqdm.auto import tqdm
 
         bar = tqdm(steps, desc=self.criterion.name, disable=None if progress else True, leave=False)
         for iteration in bar:
-            target = self.schedule.target(iteration, self._current(scoring.work))
+            target = self.schedule.target(iteration, self._current(scoring.work, current))
             if target is None:
                 continue
             if not target.cumulative:  # chosen afresh: every weight is a candidate again
                 survivors = Survivors({n: p.shape for n, p in params.items()})
-            before = self.masks
             removed = survivors.select(
                 scoring.scores(), target.density, self.scope, self.min_per_layer
             )
             if self.update is not None:
-                self.masks = survivors.masks({n: p.device for n, p in params.items()})
+                before, current = current, survivors.masks(devices)
                 with torch.no_grad():
-                    self.update(scoring, before, self.masks)
-                self.masks.apply(scoring.work)
-            else:
-                zero_removed(params, removed, survivors.strides)
-        self.masks = survivors.masks({n: p.device for n, p in params.items()})
+                    self.update(scoring, before, current)
+                current.apply(scoring.work)
+                continue
+            zero_removed(params, removed, survivors.strides)
+            if relative:
+                current = survivors.masks(devices)
+        self.masks = survivors.masks(devices)
         return scoring.work, self.masks
