@@ -12,7 +12,8 @@ from torch import nn
 import winnow
 from winnow import criteria
 from winnow.core.groups import select_groups
-from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks
+from winnow.core.prunable import prunable_parameters
 from winnow.criteria.fisher import (
     WoodFisherOptions,
     fisher_inverse_blocks,

@@ -34,7 +34,7 @@ from winnow._version import __version__
 
 _EXPORTS = {
     "Masks": "winnow.core.masks",
-    "prunable_parameters": "winnow.core.masks",
+    "prunable_parameters": "winnow.core.prunable",
     "MaskEnforcer": "winnow.core.enforcement",
     "enforce": "winnow.core.enforcement",
     "select": "winnow.core.selection",
@@ -62,7 +62,8 @@ _MODULES = (
 if TYPE_CHECKING:  # what static tools see; at run time each comes on first access
     from winnow import analysis, data, models, structured
     from winnow.core.enforcement import MaskEnforcer, enforce
-    from winnow.core.masks import Masks, prunable_parameters
+    from winnow.core.masks import Masks
+    from winnow.core.prunable import prunable_parameters
     from winnow.core.selection import select
     from winnow.criteria import score
     from winnow.formats import load_sparse, save_sparse

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks
+from winnow.core.prunable import prunable_parameters
 from winnow.criteria.losses import loss_gradient
 from winnow.criteria.sampling import DataSource, model_device, sample_batches, set_bn_mode
 

@@ -23,7 +23,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks
+from winnow.core.prunable import prunable_parameters
 
 ELEMENTWISE = (
     nn.ReLU,

@@ -5,11 +5,12 @@ A :class:`Masks` maps fully qualified parameter names (the names of ``named_para
 it. Masks move between the steps of a pruning pipeline (criterion -> selection -> masks ->
 enforcement -> export); they can be saved, compared, combined and applied.
 
-Conventions: *density* is the fraction kept, *sparsity* the fraction removed.
-The prunable parameters by default are the ``weight`` of Linear, Conv1d/2d/3d and Embedding
-layers, never biases or normalisation parameters.
+Conventions: *density* is the fraction kept, *sparsity* the fraction removed. Which weights
+are prunable by default (the weight matrices of linear, convolutional, recurrent, attention and
+token-embedding layers; never biases or normalisation parameters) is said in
+:mod:`winnow.core.prunable`.
 
-Enforcement during training lives in :mod:`winnow.enforcement`.
+Enforcement during training lives in :mod:`winnow.core.enforcement`.
 """
 
 from __future__ import annotations
@@ -22,78 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from winnow.core.prunable import prunable_parameters, tied_parameter_names, unwrap
 from winnow.io import WinnowFileError, read_container, write_container
-
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.Embedding,
-)
-"""Module types whose ``weight`` is prunable by default."""
 
 FILE_FORMAT = "winnow.masks"
 
 
 class MaskFileError(WinnowFileError):
     """A mask file is truncated, corrupted, or not a winnow mask file."""
-
-
-def tied_parameter_names(model: nn.Module) -> dict[str, str]:
-    """Map every alias of a shared (tied) parameter to its canonical name.
-
-    The canonical name is the one ``model.named_parameters()`` reports (the first registration);
-    aliases are the other names under which the same tensor appears in ``state_dict``.
-    """
-    canonical: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        first = canonical.setdefault(id(param), name)
-        if first != name:
-            aliases[name] = first
-    return aliases
-
-
-def prunable_parameters(
-    model: nn.Module, names: Iterable[str] | None = None
-) -> dict[str, nn.Parameter]:
-    """The parameters a mask covers, by fully qualified name, in model order.
-
-    Without ``names``: the ``weight`` of every Linear, Conv1d/2d/3d and Embedding module. A
-    weight shared by several modules (tied weights) appears once, under its canonical name.
-    With ``names``: exactly those parameters; an unknown name, or the alias of a tied weight,
-    raises ``ValueError`` naming it.
-    """
-    params = dict(model.named_parameters())
-    if names is not None:
-        aliases = tied_parameter_names(model)
-        chosen: dict[str, nn.Parameter] = {}
-        for name in names:
-            if name in aliases:
-                raise ValueError(
-                    f"parameter {name!r} is tied to {aliases[name]!r} (the same tensor); "
-                    f"name it once, as {aliases[name]!r}"
-                )
-            if name not in params:
-                raise ValueError(f"model has no parameter named {name!r}")
-            chosen[name] = params[name]
-        if not chosen:
-            raise ValueError("no parameter names given")
-        return chosen
-    by_id = {id(p): n for n, p in params.items()}
-    chosen = {}
-    for module in model.modules():
-        if isinstance(module, PRUNABLE_TYPES) and isinstance(module.weight, nn.Parameter):
-            name = by_id[id(module.weight)]
-            chosen.setdefault(name, module.weight)
-    if not chosen:
-        raise ValueError(
-            f"{type(model).__name__} has no prunable layer (Linear, Conv1d/2d/3d or Embedding); "
-            "pass the parameter names to prune explicitly"
-        )
-    order = list(params)
-    return dict(sorted(chosen.items(), key=lambda item: order.index(item[0])))
 
 
 class Masks(Mapping[str, Tensor]):
@@ -256,7 +193,9 @@ class Masks(Mapping[str, Tensor]):
 
     # -- model interaction -------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The model's parameters for these masks; ``ValueError`` on a missing name or shape."""
+        """The model's parameters for these masks (a wrapped model's, by their plain names:
+        see :func:`winnow.core.prunable.unwrap`); ``ValueError`` on a missing name or shape."""
+        model = unwrap(model)
         params = dict(model.named_parameters())
         aliases = tied_parameter_names(model)
         out = {}

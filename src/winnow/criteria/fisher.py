@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from winnow.core.masks import prunable_parameters
+from winnow.core.prunable import prunable_parameters
 from winnow.criteria.options import Checked
 from winnow.criteria.registry import register
 from winnow.criteria.sampling import model_device, sample_batches

@@ -24,7 +24,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks
+from winnow.core.prunable import prunable_parameters
 
 Implementation = Callable[..., Mapping[str, Tensor]]
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from winnow.core.interop import plain_state_dict
 from winnow.formats import values as value_codecs
 from winnow.formats.codec import assemble, decode_positions, encode
 from winnow.formats.encodings import DTYPES, FORMATS, SparseView, bound_bits, dtype_name
@@ -105,8 +106,8 @@ class TensorInfo:
 
 
 def _state_dict(model_or_state_dict: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    if isinstance(model_or_state_dict, nn.Module):
-        return dict(model_or_state_dict.state_dict())
+    if isinstance(model_or_state_dict, nn.Module):  # the names a plain instance loads
+        return plain_state_dict(model_or_state_dict)
     if not isinstance(model_or_state_dict, Mapping):
         raise TypeError("expected an nn.Module or a mapping of names to tensors")
     state = {}

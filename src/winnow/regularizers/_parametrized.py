@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks
 from winnow.core.modules import split_name
+from winnow.core.prunable import prunable_parameters
 from winnow.regularizers.penalties import check_group, parameter_names
 
 

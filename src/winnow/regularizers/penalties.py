@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from winnow.core.densities import check_scope
-from winnow.core.masks import prunable_parameters
+from winnow.core.prunable import prunable_parameters
 
 GROUPS: dict[str, int] = {"filter": 0, "neuron": 0, "channel": 1}
 """Group name -> the axis a group is a slice of: a filter (convolution) or neuron (Linear) is

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from winnow.core.densities import check_sparsity
-from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks
+from winnow.core.prunable import prunable_parameters
 from winnow.core.selection import select
 from winnow.criteria.basic import magnitude_scores
 from winnow.data import DataSplits

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from winnow.core._topk import Survivors, zero_removed
 from winnow.core.densities import check_scope
-from winnow.core.masks import Masks, prunable_parameters
+from winnow.core.masks import Masks
+from winnow.core.prunable import prunable_parameters
 from winnow.core.selection import select
 from winnow.criteria.registry import Criterion, Scoring, lookup
 from winnow.schedules.density import DensitySchedule
