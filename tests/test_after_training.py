@@ -91,7 +91,7 @@ def test_sherman_morrison_blocks_equal_the_inverse_of_the_damped_fisher(chunk):
 def test_per_sample_gradients_and_woodfisher_inverse_on_a_model(trained, data):
     params = prunable_parameters(trained)
     x, y = data.x_train[:20], data.y_train[:20]
-    grads = per_sample_gradients(trained, params, x, y)
+    grads = per_sample_gradients(trained, params, (x, y))
     reference = _loop_gradients(trained, list(params.values()), x, y)
     flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
     torch.testing.assert_close(flat, reference)

@@ -119,7 +119,7 @@ def test_synflow_is_data_free_and_deterministic(data):
     for n in a:
         assert torch.equal(a[n], b[n]) and torch.equal(a[n], c[n])
         assert a[n].dtype == torch.float32 and bool((a[n] >= 0).all())
-    with pytest.raises(ValueError, match="input shape"):
+    with pytest.raises(ValueError, match="input_shape"):
         criteria.score(model, "synflow")
 
 

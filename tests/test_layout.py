@@ -17,6 +17,7 @@ STAGES = {
     "winnow.core": 1,
     "winnow.data": 2,
     "winnow.models": 2,
+    "winnow.inputs": 2,
     "winnow.training": 3,
     "winnow.criteria": 4,
     "winnow.schedules": 5,

@@ -22,7 +22,8 @@ from torch import nn
 from winnow.core.masks import Masks
 from winnow.core.prunable import prunable_parameters
 from winnow.criteria.losses import loss_gradient
-from winnow.criteria.sampling import DataSource, model_device, sample_batches, set_bn_mode
+from winnow.criteria.sampling import DataSource, model_device, set_bn_mode
+from winnow.inputs import sample
 
 
 def gradient_norm(
@@ -45,7 +46,7 @@ def gradient_norm(
     params = prunable_parameters(work, names)
     if masks is not None:
         masks.apply(work)
-    batches = sample_batches(data, samples, seed=seed, device=model_device(work))
+    batches = sample(data, samples, seed=seed, device=model_device(work))
     grads = loss_gradient(work, params, batches, temperature)
     total = 0.0
     for name, g in grads.items():

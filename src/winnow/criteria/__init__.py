@@ -44,7 +44,7 @@ from winnow.criteria.registry import (
     register,
     score_copy,
 )
-from winnow.criteria.sampling import DataSource, sample_batches
+from winnow.criteria.sampling import DataSource
 from winnow.criteria.snip import SnipOptions, snip
 from winnow.criteria.synflow import SynFlowOptions, SynFlowState, synflow
 from winnow.criteria.taylor import TaylorOptions, taylor
@@ -90,7 +90,6 @@ __all__ = [
     "obs_update",
     "random",
     "register",
-    "sample_batches",
     "score",
     "snip",
     "synflow",

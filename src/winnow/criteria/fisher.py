@@ -28,34 +28,44 @@ import torch
 from torch import Tensor, nn
 
 from winnow.core.prunable import prunable_parameters
+from winnow.criteria.losses import batch_loss
 from winnow.criteria.options import Checked
 from winnow.criteria.registry import register
-from winnow.criteria.sampling import model_device, sample_batches
+from winnow.criteria.sampling import model_device
+from winnow.inputs import LossFunction, index, sample, size
+
+
+def sample_gradients(
+    model: nn.Module, params: dict[str, Tensor], batch, loss_fn: LossFunction | None = None
+) -> Iterator[tuple[Tensor, ...]]:
+    """∇ℓⱼ for each example j of ``batch`` in turn: the gradients of ``params`` (in their
+    order) of example j's loss alone (``loss_fn(model, example)``, by default its
+    cross-entropy). One backward pass per example: on the CPU this is many times faster than
+    ``torch.func.vmap`` over convolutions. The model should be in eval mode (BatchNorm on
+    running statistics)."""
+    tensors = list(params.values())
+    for j in range(size(batch)):
+        loss = batch_loss(model, index(batch, slice(j, j + 1)), loss_fn=loss_fn)
+        yield torch.autograd.grad(loss, tensors)
 
 
 def per_sample_gradients(
-    model: nn.Module, params: dict[str, Tensor], x: Tensor, y: Tensor
+    model: nn.Module, params: dict[str, Tensor], batch, loss_fn: LossFunction | None = None
 ) -> dict[str, Tensor]:
-    """∇ℓⱼ for every sample j of the batch ``(x, y)``: name -> tensor (batch, *shape).
-
-    ℓⱼ is the cross-entropy of sample j alone; ``params`` are the tensors to differentiate.
-    The model should be in eval mode (BatchNorm on running statistics). One backward pass per
-    sample: on the CPU this is many times faster than ``torch.func.vmap`` over convolutions.
-    """
-    tensors = list(params.values())
+    """∇ℓⱼ for every example j of ``batch`` (``(x, y)`` or any batch of
+    :mod:`winnow.inputs`): name -> tensor (examples, *shape); see :func:`sample_gradients`."""
     out = {
-        n: torch.empty((len(x), *p.shape), dtype=p.dtype, device=p.device)
+        n: torch.empty((size(batch), *p.shape), dtype=p.dtype, device=p.device)
         for n, p in params.items()
     }
-    for j in range(len(x)):
-        loss = nn.functional.cross_entropy(model(x[j : j + 1]), y[j : j + 1])
-        for name, g in zip(params, torch.autograd.grad(loss, tensors), strict=True):
+    for j, grads in enumerate(sample_gradients(model, params, batch, loss_fn)):
+        for name, g in zip(params, grads, strict=True):
             out[name][j] = g
     return out
 
 
 def _gradient_chunks(
-    model: nn.Module, names: list[str], batches: list[tuple[Tensor, Tensor]]
+    model: nn.Module, names: list[str], batches: list, loss_fn: LossFunction | None = None
 ) -> Iterator[dict[str, Tensor]]:
     """Per-sample gradients of the prunable tensors ``names``, one chunk per batch, in eval
     mode (the model's mode is restored afterwards)."""
@@ -63,15 +73,15 @@ def _gradient_chunks(
     model.eval()
     try:
         params = prunable_parameters(model, names)
-        for x, y in batches:
-            yield per_sample_gradients(model, params, x, y)
+        for batch in batches:
+            yield per_sample_gradients(model, params, batch, loss_fn)
     finally:
         model.train(was_training)
 
 
 def _batches(model: nn.Module, data, samples: int, chunk: int, seed: int):
-    batches = sample_batches(data, samples, chunk, seed=seed, device=model_device(model))
-    return batches, sum(len(y) for _, y in batches)
+    batches = sample(data, samples, chunk, seed=seed, device=model_device(model))
+    return batches, sum(size(b) for b in batches)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,7 @@ class ObdOptions(Checked):
     samples: int = 1000
     chunk: int = 100
     seed: int = 0
+    loss_fn: LossFunction | None = None
 
 
 @register("obd", ObdOptions, needs_data=True)
@@ -94,11 +105,9 @@ def obd(
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
     batches, count = _batches(work, data, options.samples, options.chunk, options.seed)
     work.eval()
-    tensors = list(params.values())
-    for x, y in batches:
-        for j in range(len(x)):
-            loss = nn.functional.cross_entropy(work(x[j : j + 1]), y[j : j + 1])
-            for n, g in zip(params, torch.autograd.grad(loss, tensors), strict=True):
+    for batch in batches:
+        for grads in sample_gradients(work, params, batch, options.loss_fn):
+            for n, g in zip(params, grads, strict=True):
                 fisher[n].addcmul_(g, g)
     return {n: p.detach().pow(2) * fisher[n] / (2 * count) for n, p in params.items()}
 
@@ -199,6 +208,7 @@ class WoodFisherOptions(Checked):
     damp: float = 1e-5
     chunk: int = 100
     seed: int = 0
+    loss_fn: LossFunction | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -233,7 +243,7 @@ def woodfisher_inverses(
     chunk = max(1, min(chunk, (1 << 27) // total))  # per-sample gradients: at most 512 MiB
     batches, count = _batches(model, data, samples, chunk, seed)
     inverses = {name: _BlockInverse(block_size, damp, count, dtype) for name in params}
-    for grads in _gradient_chunks(model, list(params), batches):
+    for grads in _gradient_chunks(model, list(params), batches, options.loss_fn):
         for name, accumulator in inverses.items():
             accumulator.add(padded(grads[name], block_size))
     return {name: accumulator.result() for name, accumulator in inverses.items()}

@@ -12,18 +12,7 @@ from torch import Tensor, nn
 from winnow.core.scores import AbsProductScores
 from winnow.criteria.registry import register
 from winnow.criteria.sampling import DataSource, model_device
-from winnow.data import DataSplits
-
-
-def input_shape_of(data: DataSource | None, input_shape) -> tuple[int, ...]:
-    """The per-sample input shape, from ``input_shape`` or from the data (only its shape)."""
-    if input_shape is not None:
-        return tuple(int(s) for s in input_shape)
-    if isinstance(data, DataSplits):
-        return tuple(data.input_shape)
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        return tuple(data[0].shape[1:])
-    raise ValueError("synflow needs the input shape: pass input_shape=(C, H, W) or the data")
+from winnow.inputs import call, example_input, logits_of
 
 
 @dataclass(frozen=True)
@@ -72,8 +61,15 @@ def synflow(
 
     In eval mode, every floating-point tensor of the state_dict (weights, biases, BatchNorm
     affine parameters and running statistics) is replaced by its absolute value; R is the sum
-    of the output for an all-ones input of one sample. The data, if given, is used only for
-    its input shape.
+    of the output (its logits, for a model that returns more) for an all-ones input of one
+    sample. The data, if given, is used only for the form of one example (its floating inputs
+    become ones; token ids are kept).
+
+    A model that takes token ids through an ``nn.Embedding`` has no all-ones input; winnow's
+    definition is the one of an all-ones one-hot input: each embedding's output is the sum of
+    all its (absolute) rows at every position, so every row's weights receive the flow. Give
+    the data or ``input_shape=(sequence length,)`` (then the ids are zeros, which the
+    embeddings ignore).
 
     The product of many layers overflows float32 on deep networks (ResNet-56 reaches 1e60):
     with ``dtype=None`` the pass runs in float32 while R stays within 1e-30..1e30 and is redone
@@ -89,8 +85,8 @@ def synflow(
     formed where the scores are read (selection reads only the weights still alive);
     :func:`winnow.score` returns it formed.
     """
-    shape = input_shape_of(data, options.input_shape)
     dtype, channels_last = options.dtype, options.channels_last
+    embeddings = [m for m in work.modules() if isinstance(m, nn.Embedding)]
     if not state.linearised:  # |x| is idempotent: once per private copy
         work.eval()
         with torch.no_grad():
@@ -117,15 +113,34 @@ def synflow(
             if any(t.is_floating_point() and t.dtype != candidate for t in tensors):
                 work.to(candidate)
             state.dtype = candidate
-        ones = torch.ones((1, *shape), dtype=candidate, device=model_device(work))
-        flow = work(ones).sum()
+        ones = _example(data, options.input_shape, embeddings, model_device(work), candidate)
+        handles = [m.register_forward_hook(_all_rows) for m in embeddings]
+        try:
+            flow = logits_of(call(work, (ones,))).sum()
+        finally:
+            for handle in handles:
+                handle.remove()
         value = float(flow.detach())
         in_range = FLOAT32_RANGE[0] < value < FLOAT32_RANGE[1]
         if math.isfinite(value) and (in_range or candidate != torch.float32 or dtype is not None):
             break
+    if math.isnan(value):
+        raise ValueError("synflow: R is NaN: a weight or a statistic of the network is NaN")
     if not math.isfinite(value):
         raise ValueError(f"synflow: R = {value} overflows {candidate}")
     grads = torch.autograd.grad(flow, list(params.values()))
     return AbsProductScores(
         {n: (p.detach(), g) for (n, p), g in zip(params.items(), grads, strict=True)}
     )
+
+
+def _example(data, input_shape, embeddings, device, dtype):
+    """One all-ones example; token ids (zeros) for a model with embeddings given only a shape."""
+    if input_shape is not None and data is None and embeddings:
+        return torch.zeros((1, *input_shape), dtype=torch.long, device=device)
+    return example_input(data, input_shape, device, dtype)
+
+
+def _all_rows(module: nn.Embedding, inputs, output: Tensor) -> Tensor:
+    """An embedding's output for an all-ones one-hot input: the sum of its rows, everywhere."""
+    return module.weight.sum(0).expand_as(output)

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from winnow.criteria.losses import batch_loss
 from winnow.criteria.options import Checked
 from winnow.criteria.registry import register
-from winnow.criteria.sampling import model_device, sample_batches, set_bn_mode
+from winnow.criteria.sampling import model_device, set_bn_mode
+from winnow.inputs import LossFunction, sample
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class TaylorOptions(Checked):
     batch_size: int = 100
     seed: int = 0
     bn_mode: str = "eval"
+    loss_fn: LossFunction | None = None
 
 
 @register("taylor", TaylorOptions, needs_data=True)
@@ -66,11 +69,11 @@ def taylor(
     importance = {n: torch.zeros_like(g, dtype=torch.float64) for n, g in gates.items()}
     try:
         device = model_device(work)
-        batches = sample_batches(
+        batches = sample(
             data, options.samples, options.batch_size, seed=options.seed, device=device
         )
-        for x, y in batches:
-            loss = nn.functional.cross_entropy(work(x), y)
+        for batch in batches:
+            loss = batch_loss(work, batch, loss_fn=options.loss_fn)
             grads = torch.autograd.grad(loss, list(gates.values()))
             for name, g in zip(gates, grads, strict=True):
                 importance[name] += g.detach().abs().double()
