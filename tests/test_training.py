@@ -5,6 +5,7 @@ import torch
 
 import winnow
 from winnow import Masks, TrainConfig, evaluate, models, prunable_parameters, train
+from winnow.inputs import DataError
 from winnow.training import lr_factor
 
 
@@ -110,13 +111,14 @@ def test_regularizer_is_added_to_the_loss(data):
     assert norm(shrunk) < 0.8 * norm(plain)
 
 
-def test_evaluate_restores_mode_and_handles_empty(data):
+def test_evaluate_restores_mode_and_refuses_empty_data(data):
     model = models.create("vgg11", in_channels=1, input_size=8, num_classes=4)
     model.train()
     loss, acc = evaluate(model, data.x_test[:20], data.y_test[:20])
     assert model.training and 0 <= acc <= 1 and loss > 0
-    loss, acc = evaluate(model, data.x_test[:0], data.y_test[:0])
-    assert loss != loss and acc != acc  # nan
+    with pytest.raises(DataError, match="no examples to evaluate"):
+        evaluate(model, data.x_test[:0], data.y_test[:0])
+    assert model.training
 
 
 def test_lr_schedules():

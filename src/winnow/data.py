@@ -84,10 +84,13 @@ class UnsafePickleError(pickle.UnpicklingError):
 class DataSplits:
     """Train, validation and test tensors of one dataset.
 
-    ``x_*`` are float32 of shape ``(N, *input_shape)``; ``y_*`` are int64 class indices of shape
-    ``(N,)``. ``input_shape`` is the per-sample shape, ``(C, H, W)`` for images and ``(C, L)``
-    for 1-D signals. ``mean`` and ``std`` are the per-channel statistics that were subtracted and
+    ``x_*`` are float32 of shape ``(N, *input_shape)`` (or integer token ids, ``(N, L)``);
+    ``y_*`` are int64 class indices of shape ``(N,)`` (or ``(N, L)`` for a sequence's tokens).
+    ``input_shape`` is the per-sample shape, ``(C, H, W)`` for images and ``(C, L)`` for 1-D
+    signals. ``mean`` and ``std`` are the per-channel statistics that were subtracted and
     divided (computed on the training split), or ``None`` when the data was not normalised.
+    ``augment`` names the augmentation :func:`winnow.train` applies to training batches
+    (:data:`AUGMENTATIONS`; None: none).
     """
 
     name: str
@@ -101,20 +104,31 @@ class DataSplits:
     input_shape: tuple[int, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    augment: str | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "val", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if x.dtype != torch.float32 or y.dtype != torch.int64:
+            tokens = not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+            if not (x.dtype == torch.float32 or tokens) or y.dtype != torch.int64:
                 raise ValueError(
-                    f"{self.name} {split}: expected float32 x and int64 y, "
-                    f"got {x.dtype} and {y.dtype}"
+                    f"{self.name} {split}: expected float32 x (or integer token ids) and int64 "
+                    f"y, got {x.dtype} and {y.dtype}"
                 )
-            if tuple(x.shape[1:]) != tuple(self.input_shape) or y.shape != (x.shape[0],):
+            if tuple(x.shape[1:]) != tuple(self.input_shape) or y.shape[:1] != x.shape[:1]:
                 raise ValueError(
                     f"{self.name} {split}: x {tuple(x.shape)} and y {tuple(y.shape)} do not "
                     f"match input_shape {tuple(self.input_shape)}"
                 )
+        if self.augment is not None and self.augment not in AUGMENTATIONS:
+            raise ValueError(
+                f"unknown augmentation {self.augment!r}; choose one of {sorted(AUGMENTATIONS)}"
+            )
+        if self.augment is not None and len(self.input_shape) != 3:
+            raise ValueError(
+                f"augmentation {self.augment!r} needs images (C, H, W), not input shape "
+                f"{tuple(self.input_shape)}"
+            )
 
     @property
     def in_channels(self) -> int:
@@ -535,6 +549,7 @@ def load(
     seed: int = 0,
     normalize: bool = True,
     limit: int | None = None,
+    augment: str | None = None,
     **options: Any,
 ) -> DataSplits:
     """Load a dataset as train / validation / test tensors. Nothing is downloaded.
@@ -569,6 +584,8 @@ def load(
             deviation, both computed on the training split after the validation split was
             removed (and before ``limit``). ``False`` keeps raw values (images in [0, 1]).
         limit: keep only the first ``limit`` examples of each split.
+        augment: an augmentation of the training batches (:data:`AUGMENTATIONS`), e.g.
+            ``"crop-flip"``, the CIFAR augmentation of the ResNet, VGG and pruning papers.
 
     Raises:
         ValueError: unknown name or option, a bad ``val_size`` or ``limit``, or a corrupt file.
@@ -600,6 +617,7 @@ def load(
         input_shape=tuple(raw.x_train.shape[1:]),
         mean=mean,
         std=std,
+        augment=augment,
     )
 
 
@@ -650,6 +668,58 @@ def _standardised(xs: list[torch.Tensor], x_train: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def crop_flip(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    padding: int = 4,
+    fill: tuple[float, ...] | float = 0.0,
+) -> torch.Tensor:
+    """Images randomly cropped from a ``padding``-pixel border and flipped left-right with
+    probability 1/2: the CIFAR augmentation of He et al. (2016) that the pruning papers train
+    with (4-pixel padding; torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``).
+
+    ``x`` is ``(N, C, H, W)``; each image gets its own offsets from ``generator``. ``fill`` is the
+    border's value per channel: a raw black pixel, i.e. ``-mean / std`` for normalised images.
+    """
+    n, c, h, w = x.shape
+    fill_value = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+    padded = fill_value.expand(c, h + 2 * padding, w + 2 * padding).repeat(n, 1, 1, 1)
+    padded[:, :, padding : padding + h, padding : padding + w] = x
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(h)
+    cols = dx[:, None] + torch.arange(w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    device = x.device
+    return padded[
+        torch.arange(n, device=device)[:, None, None, None],
+        torch.arange(c, device=device)[None, :, None, None],
+        rows.to(device)[:, None, :, None],
+        cols.to(device)[:, None, None, :],
+    ]
+
+
+AUGMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {"crop-flip": crop_flip}
+"""Augmentations of training batches by name: ``f(x, generator, fill=...) -> x``."""
+
+
+def augmenter(splits: DataSplits) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None:
+    """The augmentation ``splits.augment`` names, its border filled with a raw black pixel."""
+    if splits.augment is None:
+        return None
+    function = AUGMENTATIONS[splits.augment]
+    if splits.mean is not None and splits.std is not None:
+        fill = tuple(-m / s for m, s in zip(splits.mean, splits.std, strict=True))
+    else:
+        fill = 0.0
+    return lambda x, generator: function(x, generator, fill=fill)
+
+
+# ---------------------------------------------------------------------------------------------
 # Batches
 
 
@@ -669,7 +739,8 @@ class Batches:
     with ``drop_last`` a final incomplete batch is left out.
 
     Iterating the object yields the batches of epoch :attr:`next_epoch` and advances it by one;
-    set :attr:`next_epoch` to resume.
+    set :attr:`next_epoch` to resume. ``augment(x, generator)`` transforms each batch's inputs
+    with a generator seeded by ``(seed, step)``, so augmented runs resume exactly too.
     """
 
     def __init__(
@@ -680,6 +751,7 @@ class Batches:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -690,6 +762,7 @@ class Batches:
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.augment = augment
         self.next_epoch = 0
 
     def __len__(self) -> int:
@@ -702,12 +775,19 @@ class Batches:
         g = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         return torch.randperm(len(self.x), generator=g).to(self.x.device)
 
-    def _batch(self, order: torch.Tensor | None, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(
+        self, order: torch.Tensor | None, b: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = b * self.batch_size, (b + 1) * self.batch_size
         if order is None:
-            return self.x[lo:hi], self.y[lo:hi]
-        idx = order[lo:hi]
-        return self.x[idx], self.y[idx.to(self.y.device)]
+            xb, yb = self.x[lo:hi], self.y[lo:hi]
+        else:
+            idx = order[lo:hi]
+            xb, yb = self.x[idx], self.y[idx.to(self.y.device)]
+        if self.augment is not None:
+            seed = _epoch_seed(self.seed, step) ^ 0x5A17  # apart from the epoch orders' seeds
+            xb = self.augment(xb, torch.Generator().manual_seed(seed))
+        return xb, yb
 
     def epoch(self, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate over the ``(xb, yb)`` batches of epoch ``e``; :attr:`next_epoch` is unchanged."""
@@ -718,7 +798,7 @@ class Batches:
     def _iter_epoch(self, e: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order(e)
         for b in range(len(self)):
-            yield self._batch(order, b)
+            yield self._batch(order, b, e * len(self) + b)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         e = self.next_epoch
@@ -749,5 +829,5 @@ class Batches:
             e, b = divmod(step, per_epoch)
             if e != epoch:
                 epoch, order = e, self._order(e)
-            xb, yb = self._batch(order, b)
+            xb, yb = self._batch(order, b, step)
             yield step, xb, yb

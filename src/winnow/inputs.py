@@ -20,7 +20,7 @@ Any function ``loss_fn(model, batch) -> scalar`` can replace it.
 
 from __future__ import annotations
 
-import itertools
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -154,9 +154,23 @@ def concat(batches: Sequence[Batch]) -> Batch:
 
 
 def call(model: nn.Module, batch: Batch) -> Any:
-    """``model`` applied to a batch's inputs (a dict as keyword arguments)."""
+    """``model`` applied to a batch's inputs. A dict batch is passed as keyword arguments,
+    its labels included when the model's ``forward`` names that argument (Hugging Face models
+    take ``labels`` and return their own loss: a causal language model shifts its labels)."""
     x = inputs(batch)
-    return model(**x) if isinstance(x, Mapping) else model(x)
+    if not isinstance(x, Mapping):
+        return model(x)
+    named = _arguments(model)
+    extra = {k: v for k, v in batch.items() if k in LABEL_KEYS and k in named}
+    return model(**x, **extra)
+
+
+def _arguments(model: nn.Module) -> frozenset[str]:
+    """The names of the explicit arguments of ``model.forward`` (empty if unknown)."""
+    try:
+        return frozenset(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
 
 
 def logits_of(output: Any) -> Tensor:
@@ -185,17 +199,30 @@ def cross_entropy(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
 
 
 def default_loss(model: nn.Module, batch: Batch, temperature: float = 1.0) -> Tensor:
-    """The mean loss of ``model`` on a batch: the model's own ``.loss`` when it returns one
-    (and no ``temperature`` is asked), else the cross-entropy of its logits (divided by
-    ``temperature``) against the batch's labels."""
-    output = call(model, batch)
-    own = getattr(output, "loss", None)
-    if isinstance(own, Tensor) and temperature == 1.0:
+    """The mean loss of ``model`` on a batch (:func:`loss_from` its output)."""
+    return loss_from(call(model, batch), batch, temperature)
+
+
+def loss_from(output: Any, batch: Batch, temperature: float = 1.0) -> Tensor:
+    """The mean loss in a model's ``output`` on ``batch``: the model's own ``.loss`` when it
+    returned one (and no ``temperature`` is asked), else the cross-entropy of its logits
+    (divided by ``temperature``) against the batch's labels."""
+    own = own_loss(output)
+    if own is not None and temperature == 1.0:
         return own
     y = labels(batch)
     if y is None:
         raise DataError("the batch has no labels: give (x, y), a dict with 'labels', or loss_fn")
-    return cross_entropy(logits_of(output) / temperature, y)
+    logits = logits_of(output)
+    return cross_entropy(logits if temperature == 1.0 else logits / temperature, y)
+
+
+def own_loss(output: Any) -> Tensor | None:
+    """The loss a model returned itself (a Hugging Face output's ``.loss``), or None."""
+    found = getattr(output, "loss", None)
+    if found is None and isinstance(output, Mapping):
+        found = output.get("loss")
+    return found if isinstance(found, Tensor) else None
 
 
 def loss_of(loss_fn: LossFunction | None) -> LossFunction:
@@ -308,6 +335,26 @@ def example_input(
     return _ones_like(move(x, device), dtype)
 
 
+def takes_token_ids(model: nn.Module) -> bool:
+    """Whether ``model`` reads token ids: its first module with weights is an ``nn.Embedding``
+    (registration order, which is the forward order of sequential and Hugging Face models)."""
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            return isinstance(module, nn.Embedding)
+    return False
+
+
+def zeros_input(model: nn.Module, input_shape: Sequence[int]) -> Tensor:
+    """An example of batch 1 and per-sample ``input_shape`` on the model's device: token ids 0
+    (int64) for a model that :func:`takes_token_ids`, else zeros in the model's float dtype."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if takes_token_ids(model):
+        return torch.zeros((1, *input_shape), device=device, dtype=torch.long)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return torch.zeros((1, *input_shape), device=device, dtype=dtype)
+
+
 def _ones_like(x: Any, dtype: torch.dtype) -> Any:
     if isinstance(x, Tensor):
         return torch.ones_like(x, dtype=dtype) if x.is_floating_point() else x
@@ -322,20 +369,3 @@ def count(data: DataSource) -> int | None:
         return len(data)  # type: ignore[arg-type]
     except TypeError:
         return None
-
-
-def cycle(data: Iterable[Batch], start: int = 0) -> Iterator[Batch]:
-    """Batches of ``data`` pass after pass, from batch ``start`` on (a resumed run skips the
-    batches it already trained on; the order within a pass is the iterable's own)."""
-    passes = itertools.count()
-    skipped = 0
-    for _ in passes:
-        empty = True
-        for batch in data:
-            empty = False
-            if skipped < start:
-                skipped += 1
-                continue
-            yield batch
-        if empty:
-            raise DataError("the data yielded no batch")

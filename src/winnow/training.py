@@ -1,30 +1,54 @@
-"""Train and evaluate a model on tensors held in memory, honouring pruning masks.
+"""Train and evaluate a model on any data, honouring pruning masks.
 
 One loop serves every method of winnow: it builds the optimizer and learning-rate schedule
 from a :class:`TrainConfig`, keeps pruned weights at zero through :func:`winnow.enforce`,
 evaluates every ``eval_every`` iterations (loss and accuracy on validation and test), records
 the history, saves weights at chosen iterations (for rewinding, Frankle et al. 2020) and is
-deterministic under its seed. Nothing forces a user onto it: masks and enforcement work with
-any loop.
+deterministic under its seed. It reads data in every form of :mod:`winnow.inputs` (a
+:class:`~winnow.data.DataSplits`, a pair ``(x, y)``, a DataLoader or a list of tuple or dict
+batches), computes any ``loss_fn(model, batch)``, and runs in bf16 or fp16 autocast (with a
+gradient scaler for fp16), with gradient accumulation and clipping and optional
+``torch.compile``. Nothing forces a user onto it: masks and enforcement work with any loop.
+
+Determinism: on the CPU a run is bit-for-bit repeatable under its seed (data order,
+augmentation and dropout follow ``config.seed``). On a GPU the data order and masks are the
+same, but cuDNN and atomics-based kernels (scatter, index_add, some convolution backward
+algorithms) may differ in the last bits between runs unless the user calls
+``torch.use_deterministic_algorithms(True)``; bf16/fp16 runs differ from fp32 ones by design.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from winnow import inputs as batches
 from winnow.core.enforcement import enforce
 from winnow.core.masks import Masks
-from winnow.data import Batches, DataSplits
+from winnow.data import Batches, DataSplits, augmenter
+from winnow.inputs import DataError, DataSource, LossFunction
 from winnow.options import option
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ON_NAN = ("stop", "continue")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite. ``result`` holds the history up to that evaluation
+    (the row with the non-finite value included)."""
+
+    def __init__(self, message: str, result: TrainResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -59,6 +83,21 @@ class TrainConfig:
     eval_batch_size: int = option(1000, help="examples per evaluation batch")
     save_at: tuple[int, ...] = option((), help="iterations whose weights are kept (rewinding)")
     seed: int = option(0, help="seed of the data order and of randomness in the model")
+    precision: str = option(
+        "fp32", help="arithmetic of the forward pass (autocast; fp16 adds a gradient scaler)",
+        choices=PRECISIONS,
+    )  # fmt: skip
+    accumulate: int = option(1, help="batches whose gradients add up to one optimizer step")
+    clip_norm: float | None = option(
+        None, help="clip the gradients' total L2 norm to this before each step"
+    )
+    compile: str | None = option(
+        None, help="torch.compile backend for the model ('inductor', 'aot_eager'; none: eager)"
+    )
+    on_nan: str = option(
+        "stop", help="when a loss becomes NaN or infinite: stop with an error, or continue",
+        choices=ON_NAN,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if (self.iterations is None) == (self.epochs is None):
@@ -79,6 +118,14 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.momentum < 0 or self.warmup < 0 or self.eval_every < 0:
             raise ValueError("weight_decay, momentum, warmup and eval_every must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.on_nan not in ON_NAN:
+            raise ValueError(f"unknown on_nan {self.on_nan!r}; choose one of {ON_NAN}")
+        if self.accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm}")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         object.__setattr__(self, "save_at", tuple(sorted({int(s) for s in self.save_at})))
 
@@ -122,28 +169,76 @@ class TrainResult:
         return min(rows, key=lambda r: r["val_loss"])
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``, in eval mode.
+def evaluate(
+    model: nn.Module,
+    data: DataSource | Tensor,
+    y: Tensor | None = None,
+    batch_size: int = 1000,
+    *,
+    loss_fn: LossFunction | None = None,
+) -> tuple[float, float | None]:
+    """Mean loss and accuracy of ``model`` on data, in eval mode (restored afterwards).
 
-    The model's train/eval mode is restored afterwards. Returns ``(nan, nan)`` for empty data.
+    ``data`` is any form of :mod:`winnow.inputs` (a DataSplits' test split), or inputs ``x``
+    with labels ``y``. The default loss is the cross-entropy summed over examples (tokens for a
+    sequence model, ``-100`` ignored) divided by their number, or the model's own ``.loss``
+    when the batches carry no labels; with ``loss_fn``, the mean of its values weighted by
+    batch size, and no accuracy (None). A NaN loss is returned as NaN.
+
+    Raises:
+        DataError: the data holds no example.
     """
-    if len(x) == 0:
-        return math.nan, math.nan
+    if isinstance(data, DataSplits):
+        data = (data.x_test, data.y_test)
+    elif y is not None:
+        data = (data, y)
+    loss, accuracy, n = _evaluate(model, data, batch_size, loss_fn)
+    if n == 0:
+        raise DataError("no examples to evaluate on (the data is empty)")
+    return loss, accuracy
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, data: DataSource, batch_size: int, loss_fn: LossFunction | None
+) -> tuple[float, float | None, int]:
+    """(mean loss, accuracy or None, number of examples) of ``model`` on ``data``."""
     was_training = model.training
     model.eval()
+    device = _device_of(model)
     try:
-        total_loss, correct = 0.0, 0
-        device = next(model.parameters()).device
-        for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size].to(device)
-            yb = y[start : start + batch_size].to(device)
-            logits = model(xb)
-            total_loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-        return total_loss / len(x), correct / len(x)
+        total_loss, right, counted, n = 0.0, 0, 0, 0
+        for batch in batches.iterate(data, batch_size):
+            batch = batches.move(batch, device)
+            if loss_fn is not None:
+                examples = batches.size(batch)
+                total_loss += float(loss_fn(model, batch)) * examples
+                n += examples
+                continue
+            output = batches.call(model, batch)
+            y = batches.labels(batch)
+            if y is not None and batches.own_loss(output) is None:
+                total_loss += float(batches.cross_entropy(batches.logits_of(output), y, "sum"))
+                hits, examples = batches.correct(output, batch)
+                right, counted, n = right + hits, counted + examples, n + examples
+                continue
+            # the model's own mean loss (a language model's shifted tokens, for one)
+            examples = batches.size(batch)
+            total_loss += float(batches.loss_from(output, batch)) * examples
+            n += examples
+            if y is not None and batches.logits_of(output).dim() == 2:
+                hits, examples = batches.correct(output, batch)
+                right, counted = right + hits, counted + examples
+        if n == 0:
+            return math.nan, None, 0
+        return total_loss / n, (right / counted if counted else None), n
     finally:
         model.train(was_training)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -202,27 +297,36 @@ any function ``(iteration, model) -> new masks or None``."""
 
 def train(
     model: nn.Module,
-    data: DataSplits,
+    data: DataSource,
     config: TrainConfig,
     masks: Masks | None = None,
     *,
     start_iteration: int = 0,
+    loss_fn: LossFunction | None = None,
     regularizer: Callable[[nn.Module], Tensor] | None = None,
     pruner: Pruning | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     callbacks: Sequence[Callback] = (),
-    eval_splits: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    eval_splits: Mapping[str, DataSource] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     description: str = "train",
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` and return its :class:`TrainResult`.
 
+    - ``data``: a :class:`~winnow.data.DataSplits` (its training split is shuffled per epoch
+      by ``config.seed``, its ``augment`` applied; validation and test are evaluated), a pair
+      ``(x, y)`` (shuffled likewise), or an iterable of batches, e.g. a DataLoader with workers
+      and pinned memory, read pass after pass in its own order (a sampler's ``set_epoch`` is
+      called every pass). A budget in ``epochs`` needs an iterable with a length.
     - ``masks``: pruned weights are zeroed and kept at exactly 0.0 throughout (see
       :func:`winnow.enforce`); the hooks are removed before returning.
     - ``start_iteration``: resume a schedule at iteration k (rewinding, Frankle et al. 2020):
       the learning rate and the data order continue from k, with a fresh optimizer; training
-      runs until the config's total iterations.
+      runs until the config's total iterations. For an iterable the first k passes' batches
+      are skipped; the order is exactly the uninterrupted one when the iterable's is fixed.
+    - ``loss_fn``: ``(model, batch) -> scalar loss`` (default :func:`winnow.inputs.default_loss`:
+      cross-entropy of the logits, or the model's own ``.loss``).
     - ``regularizer``: a function of the model whose value is added to the loss
       (L1, group lasso, ...).
     - ``pruner``: pruning during training (a :class:`winnow.schedules.Pruner`, or a function
@@ -233,40 +337,117 @@ def train(
     - ``optimizer``: use this optimizer instead of the one ``config`` names (the config's
       learning-rate schedule still applies to it).
     - ``callbacks``: :class:`Callback` hooks after every step and every evaluation.
-    - ``eval_splits``: what to evaluate every ``eval_every`` iterations, name -> ``(x, y)``
-      (default: the validation and test splits of ``data``); rows get ``<name>_loss`` and
-      ``<name>_acc``.
-    - Deterministic: the data order and any randomness inside the model (dropout) follow
-      ``config.seed``; the caller's global RNG is left untouched.
+    - ``eval_splits``: what to evaluate every ``eval_every`` iterations, name -> data in any
+      form (default: the validation and test splits of a DataSplits, nothing otherwise); rows
+      get ``<name>_loss`` and ``<name>_acc`` (None for an empty split).
+    - Precision, accumulation, clipping and compilation follow ``config``.
+    - A NaN or infinite loss (training or evaluation) raises :class:`TrainingDiverged` at the
+      evaluation that sees it, its row recorded with the NaN, unless ``config.on_nan`` is
+      ``"continue"``.
+    - Deterministic: the data order, augmentation and any randomness inside the model
+      (dropout) follow ``config.seed``; the caller's global RNG is left untouched.
+
+    Raises:
+        DataError: the training data is empty or cannot be read.
+        TrainingDiverged: a loss became NaN or infinite (``config.on_nan == "stop"``).
     """
     loop = _Loop(
-        model, data, config, masks, start_iteration, regularizer, pruner, optimizer,
+        model, data, config, masks, start_iteration, loss_fn, regularizer, pruner, optimizer,
         callbacks, eval_splits, torch.device(device),
     )  # fmt: skip
     return loop.run(progress, description)
+
+
+class _Stream:
+    """The training batches of :func:`train`: step ``s`` of ``config.accumulate`` batches."""
+
+    def __init__(self, data: DataSource, config: TrainConfig) -> None:
+        self.accumulate = config.accumulate
+        source = batches.split(data)
+        if batches.is_pair(source):
+            x, y = source
+            if len(y) == 0:
+                raise DataError("the training split is empty: there is nothing to train on")
+            augment = augmenter(data) if isinstance(data, DataSplits) else None
+            self.loader: Batches | None = Batches(
+                x, y, config.batch_size, shuffle=True, seed=config.seed, augment=augment
+            )
+            self.source, self.per_pass = None, len(self.loader)
+        else:
+            if isinstance(source, Tensor) or not isinstance(source, Iterable):
+                next(batches.iterate(source))  # raises the DataError that names the form
+            self.loader, self.source, self.per_pass = None, source, batches.count(source)
+            if self.per_pass == 0:
+                raise DataError("the training data holds no batch: there is nothing to train on")
+        if config.epochs is not None and self.per_pass is None:
+            raise DataError(
+                "a budget in epochs needs data with a length (len(); a DataLoader over a "
+                "map-style dataset has one): set iterations instead"
+            )
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.per_pass // self.accumulate) if self.per_pass else 1
+
+    def steps(self, n: int, start: int) -> Iterator[tuple[int, list]]:
+        """``(step, [batches])`` for the optimizer steps ``start .. start + n - 1``."""
+        k = self.accumulate
+        if self.loader is not None and k == 1:
+            for step, xb, yb in self.loader.steps(n, start=start):
+                yield step, [(xb, yb)]
+            return
+        if self.loader is not None:
+            flat = ((xb, yb) for _, xb, yb in self.loader.steps(n * k, start=start * k))
+        else:
+            flat = self._passes(start * k)
+        for step in range(start, start + n):
+            group = [next(flat) for _ in range(k)]
+            yield step, group
+
+    def _passes(self, skip: int) -> Iterator[Any]:
+        """The iterable's batches pass after pass, from batch ``skip`` of the stream on."""
+        epoch = 0
+        if self.per_pass:
+            epoch, skip = divmod(skip, self.per_pass)
+        while True:
+            sampler = getattr(self.source, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            empty = True
+            for batch in self.source:
+                empty = False
+                if skip:
+                    skip -= 1
+                    continue
+                yield batch
+            if empty:
+                raise DataError("the training data yielded no batch")
+            epoch += 1
+
+
+def _default_splits(data: DataSource) -> dict[str, DataSource]:
+    if isinstance(data, DataSplits):
+        return {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
+    return {}
 
 
 class _Loop:
     """One training run of :func:`train`: its optimizer, schedule, enforcement and records."""
 
     def __init__(
-        self, model, data, config, masks, start_iteration, regularizer, pruner, optimizer,
-        callbacks, eval_splits, device,
+        self, model, data, config, masks, start_iteration, loss_fn, regularizer, pruner,
+        optimizer, callbacks, eval_splits, device,
     ) -> None:  # fmt: skip
-        if len(data.y_train) == 0:
-            raise ValueError("the training split is empty: there is nothing to train on")
+        self.stream = _Stream(data, config)
         self.model, self.config, self.device = model.to(device), config, device
-        self.loader = Batches(
-            data.x_train, data.y_train, config.batch_size, shuffle=True, seed=config.seed
+        self.forward = (
+            model if config.compile is None else torch.compile(model, backend=config.compile)
         )
-        self.total = config.total_iterations(len(self.loader))
+        self.total = config.total_iterations(self.stream.steps_per_epoch())
         if not 0 <= start_iteration <= self.total:
             raise ValueError(f"start_iteration {start_iteration} is outside [0, {self.total}]")
         self.start = start_iteration
-        self.eval_every = config.eval_every or len(self.loader)
-        if eval_splits is None:
-            eval_splits = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
-        self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in eval_splits.items()}
+        self.eval_every = config.eval_every or self.stream.steps_per_epoch()
+        self.splits = dict(_default_splits(data) if eval_splits is None else eval_splits)
         self.result = TrainResult()
         self.optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
         total, start = self.total, start_iteration
@@ -280,7 +461,10 @@ class _Loop:
                 f"after the {total} of training"
             )
         self.prune_step = getattr(pruner, "step", pruner)
+        self.loss_fn = batches.loss_of(loss_fn)
         self.regularizer, self.callbacks = regularizer, list(callbacks)
+        self.autocast = _autocast(config.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
 
     def prune(self, iteration: int) -> None:
         """Ask the pruner for new masks at ``iteration`` and enforce them."""
@@ -294,16 +478,30 @@ class _Loop:
         else:
             self.enforcer.update(new)
 
-    def record(self, iteration: int, train_loss: float) -> dict:
-        """Evaluate every split, append the row to the history, run the callbacks."""
+    def record(self, iteration: int, train_loss: float | None) -> dict:
+        """Evaluate every split, append the row to the history, run the callbacks; stop on a
+        NaN or infinite loss unless the config says to continue."""
         row = {"iteration": iteration, "train_loss": train_loss}
-        for split, (x, y) in self.splits.items():
-            loss, acc = evaluate(self.model, x, y, self.config.eval_batch_size)
-            row[f"{split}_loss"] = None if math.isnan(loss) else loss
-            row[f"{split}_acc"] = None if math.isnan(acc) else acc
+        for split, data in self.splits.items():
+            with self.autocast:
+                loss, acc, n = _evaluate(self.forward, data, self.config.eval_batch_size, None)
+            row[f"{split}_loss"] = loss if n else None
+            row[f"{split}_acc"] = acc if n else None
         self.result.history.append(row)
         for callback in self.callbacks:
             callback.after_eval(row, self.model)
+        bad = [
+            k
+            for k, v in row.items()
+            if k.endswith("_loss") and v is not None and not math.isfinite(v)
+        ]
+        if bad and self.config.on_nan == "stop":
+            raise TrainingDiverged(
+                f"training diverged at iteration {iteration}: {', '.join(bad)} = "
+                f"{row[bad[0]]} (lower the learning rate, check the data and the weights for "
+                "NaN, or set on_nan='continue')",
+                self.result,
+            )
         return row
 
     def checkpoint(self, iteration: int) -> None:
@@ -313,18 +511,35 @@ class _Loop:
                 k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
             }
 
-    def step(self, xb: Tensor, yb: Tensor) -> Tensor:
-        """One optimizer step on a batch; returns the detached data loss."""
-        xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+    def step(self, group: list) -> Tensor:
+        """One optimizer step over a group of batches; returns their mean detached data loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(xb), yb)
-        data_loss = loss.detach()
-        if self.regularizer is not None:
-            loss = loss + self.regularizer(self.model)
-        loss.backward()
-        self.optimizer.step()
+        data_loss = torch.zeros((), device=self.device)
+        share = 1.0 / len(group)
+        for batch in group:
+            batch = batches.move(batch, self.device)
+            with self.autocast:
+                loss = self.loss_fn(self.forward, batch)
+                if self.regularizer is not None:
+                    data_loss += loss.detach().float()
+                    loss = loss + self.regularizer(self.model)
+                else:
+                    data_loss += loss.detach().float()
+            if share != 1.0:
+                loss = loss * share
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.config.clip_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            nn.utils.clip_grad_norm_(params, self.config.clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
-        return data_loss
+        return data_loss * share if share != 1.0 else data_loss
 
     def run(self, progress: bool, description: str) -> TrainResult:
         started = time.perf_counter()
@@ -337,8 +552,8 @@ class _Loop:
                 self.prune(self.start)
                 self.checkpoint(self.start)
                 running, count = torch.zeros((), device=device), 0
-                for step, xb, yb in self.loader.steps(total - self.start, start=self.start):
-                    running += self.step(xb, yb)
+                for step, group in self.stream.steps(total - self.start, self.start):
+                    running += self.step(group)
                     count += 1
                     done = step + 1
                     self.prune(done)
@@ -353,15 +568,23 @@ class _Loop:
                     bar.update(1)
                 history = self.result.history
                 if not history or history[-1]["iteration"] != total:
-                    self.record(total, float(running) / count if count else math.nan)
+                    self.record(total, float(running) / count if count else None)
         finally:
             bar.close()
             if self.enforcer is not None:
                 self.enforcer.remove()
                 self.result.masks = self.enforcer.masks
-        self.result.iterations = total - self.start
-        self.result.seconds = time.perf_counter() - started
+            self.result.iterations = total - self.start
+            self.result.seconds = time.perf_counter() - started
         return self.result
+
+
+def _autocast(precision: str, device: torch.device):
+    """The autocast context of a precision (a no-op context for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _shown(row: dict) -> dict[str, str]:

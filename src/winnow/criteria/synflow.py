@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from winnow.core.scores import AbsProductScores
 from winnow.criteria.registry import register
 from winnow.criteria.sampling import DataSource, model_device
-from winnow.inputs import call, example_input, logits_of
+from winnow.inputs import call, example_input, logits_of, takes_token_ids, zeros_input
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def synflow(
             if any(t.is_floating_point() and t.dtype != candidate for t in tensors):
                 work.to(candidate)
             state.dtype = candidate
-        ones = _example(data, options.input_shape, embeddings, model_device(work), candidate)
+        ones = _example(work, data, options.input_shape, candidate)
         handles = [m.register_forward_hook(_all_rows) for m in embeddings]
         try:
             flow = logits_of(call(work, (ones,))).sum()
@@ -134,11 +134,11 @@ def synflow(
     )
 
 
-def _example(data, input_shape, embeddings, device, dtype):
-    """One all-ones example; token ids (zeros) for a model with embeddings given only a shape."""
-    if input_shape is not None and data is None and embeddings:
-        return torch.zeros((1, *input_shape), dtype=torch.long, device=device)
-    return example_input(data, input_shape, device, dtype)
+def _example(model, data, input_shape, dtype):
+    """One all-ones example; token ids (zeros) for a model that takes them given a shape."""
+    if input_shape is not None and data is None and takes_token_ids(model):
+        return zeros_input(model, input_shape)
+    return example_input(data, input_shape, model_device(model), dtype)
 
 
 def _all_rows(module: nn.Embedding, inputs, output: Tensor) -> Tensor:

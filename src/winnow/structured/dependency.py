@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, fx, nn
 
+from winnow.inputs import zeros_input
+
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 PRODUCERS = (*CONVS, nn.Linear)
@@ -224,17 +226,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
         ) from err
 
 
-def _example(model: nn.Module, input_shape: Sequence[int]) -> Tensor:
-    param = next(iter(model.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    return torch.zeros((1, *input_shape), device=device, dtype=dtype)
-
-
 def node_shapes(graph: fx.GraphModule, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
     """Output shape of every tensor-valued node for one input of ``input_shape`` (batch 1).
 
-    Runs the graph once in eval mode under ``torch.no_grad`` on zeros; the train/eval flags of
+    Runs the graph once in eval mode under ``torch.no_grad`` on zeros (token ids for a model
+    that starts with an embedding, :func:`winnow.inputs.zeros_input`); the train/eval flags of
     every module are restored (BatchNorm statistics are not touched in eval mode).
     """
     shapes: dict[str, tuple[int, ...]] = {}
@@ -250,7 +246,7 @@ def node_shapes(graph: fx.GraphModule, input_shape: Sequence[int]) -> dict[str, 
     graph.eval()
     try:
         with torch.no_grad():
-            Recorder(graph).run(_example(graph, input_shape))
+            Recorder(graph).run(zeros_input(graph, input_shape))
     finally:
         for module, training in modes.items():
             module.training = training

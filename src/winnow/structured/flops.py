@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from winnow.inputs import zeros_input
 from winnow.structured.dependency import (
     ADAPTIVE_POOLS,
     ADD_METHODS,
@@ -47,7 +48,6 @@ from winnow.structured.dependency import (
     ZERO_PRESERVING_ACTIVATION_MODULES,
     ZERO_PRESERVING_ACTIVATIONS,
     Analysis,
-    _example,
     analyse,
 )
 
@@ -277,7 +277,7 @@ def _count_with_hooks(model: nn.Module, input_shape: Sequence[int]) -> Counts:
     model.eval()
     try:
         with torch.no_grad():
-            model(_example(model, input_shape))
+            model(zeros_input(model, input_shape))
     finally:
         for handle in handles:
             handle.remove()
