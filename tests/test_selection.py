@@ -46,9 +46,21 @@ def test_dead_weights_are_never_revived():
         select(scores, 5 / 6, current=current)
 
 
-def test_nan_scores_are_kept_last():
-    scores = {"l0": torch.tensor([float("nan"), 1.0, 2.0])}
-    assert select(scores, 2 / 3)["l0"].tolist() == [False, True, True]
+def test_nan_scores_are_an_error_naming_the_tensor_unless_ranked_lowest():
+    from winnow.core.scores import NonFiniteError
+
+    scores = {"ok": torch.full((3,), 0.5), "l0": torch.tensor([float("nan"), 1.0, 2.0])}
+    with pytest.raises(NonFiniteError, match="scores of 'l0' \\(1\\)"):
+        select(scores, 2 / 3)
+    with pytest.raises(NonFiniteError, match="'l0'"):
+        select({"l0": torch.tensor([float("inf"), 1.0, 2.0])}, 2 / 3, scope="layer")
+    kept = select(scores, 4 / 6, nonfinite="lowest")["l0"]
+    assert kept.tolist() == [False, True, True]
+    # a NaN among the weights already pruned is never read, so it is no error
+    current = Masks({"ok": torch.ones(3, dtype=torch.bool), "l0": torch.tensor([False, True, True])})
+    assert select(scores, 3 / 6, current=current).num_kept() == 3
+    with pytest.raises(ValueError, match="nonfinite"):
+        select(scores, 0.5, nonfinite="ignore")
 
 
 def test_min_per_layer_guard_prevents_collapse():
@@ -127,7 +139,8 @@ def test_large_selection_equals_sorting(monkeypatch, sample_size):
 def test_alive_nan_never_loses_to_dead_weights():
     scores = {"w": torch.tensor([float("nan"), 5.0, float("-inf"), 1.0])}
     current = Masks({"w": torch.tensor([True, False, True, False])})
-    assert select(scores, 0.5, current=current)["w"].tolist() == [True, False, True, False]
+    kept = select(scores, 0.5, current=current, nonfinite="lowest")["w"]
+    assert kept.tolist() == [True, False, True, False]
 
 
 @pytest.mark.parametrize("scope,guard", [("global", 0), ("layer", 0), ("global", 3)])
@@ -145,8 +158,10 @@ def test_survivors_rounds_equal_repeated_select(monkeypatch, scope, guard):
     for density in (0.7, 0.4, 0.2, 0.05, 0.01):
         scores = {n: (torch.rand(s, generator=gen) * 40).round() for n, s in shapes.items()}
         scores["b"][::97] = float("nan")
-        removed = survivors.select(scores, density, scope=scope, min_per_layer=guard)
-        expected = select(scores, density, scope=scope, current=current, min_per_layer=guard)
+        removed = survivors.select(scores, density, scope, guard, nonfinite="lowest")
+        expected = select(
+            scores, density, scope, current=current, min_per_layer=guard, nonfinite="lowest"
+        )
         assert survivors.masks() == expected, density
         before = current or Masks({n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()})
         for name, flat in removed.items():  # exactly the weights that died this round
@@ -175,7 +190,7 @@ def test_mixed_dtypes_and_infinities_select_quietly():
     }
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        masks = select(scores, 5 / 10)
+        masks = select(scores, 5 / 10, nonfinite="lowest")
     assert masks["a"].tolist() == [False, True, False, True, False]
     assert masks["b"].tolist() == [True, False]
     assert masks["c"].tolist() == [True, True, False]

@@ -335,6 +335,39 @@ def example_input(
     return _ones_like(move(x, device), dtype)
 
 
+def input_shape_of(data: DataSource) -> tuple[int, ...]:
+    """One example's input shape: a DataSplits' ``input_shape``, else the first batch's inputs
+    without their batch dimension (a dict batch's ``input_ids``, or its first tensor)."""
+    if isinstance(data, DataSplits):
+        return tuple(data.input_shape)
+    x = inputs(first_batch(data))
+    if isinstance(x, Mapping):
+        x = x.get("input_ids", next(iter(x.values()), None))
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise DataError("cannot read an input shape from the data: pass input_shape=...")
+    return tuple(x.shape[1:])
+
+
+def batches_per_pass(data: DataSource, batch_size: int) -> int | None:
+    """Batches of ``batch_size`` in one pass over ``data`` (a DataSplits' training split, a
+    pair); an iterable's own ``len`` or None when it has none."""
+    data = split(data)
+    if is_pair(data):
+        return -(-len(data[1]) // batch_size)
+    return count(data)
+
+
+def held_out(data: DataSource, examples: int = 1000) -> DataSource:
+    """What to validate on: a DataSplits' validation split, else its (or the data's) first
+    ``examples`` training examples."""
+    if isinstance(data, DataSplits) and len(data.y_val):
+        return data.x_val, data.y_val
+    data = split(data)
+    if is_pair(data):
+        return data[0][:examples], data[1][:examples]
+    return sample(data, examples)
+
+
 def takes_token_ids(model: nn.Module) -> bool:
     """Whether ``model`` reads token ids: its first module with weights is an ``nn.Embedding``
     (registration order, which is the forward order of sequential and Hugging Face models)."""

@@ -29,28 +29,38 @@ def _finite(v, low, high):
 
 @_jit
 def _gather_part(a, b, product, positions, dense, low, high, out):
+    bad = 0
     if dense:
         for i in range(out.size):
-            out[i] = _finite(abs(a[i] * b[i]) if product else a[i], low, high)
+            v = abs(a[i] * b[i]) if product else a[i]
+            bad += np.int64(not ((v >= low) & (v <= high)))
+            out[i] = _finite(v, low, high)
     else:
         for i in range(out.size):
             p = np.uintp(positions[i])
-            out[i] = _finite(abs(a[p] * b[p]) if product else a[p], low, high)
+            v = abs(a[p] * b[p]) if product else a[p]
+            bad += np.int64(not ((v >= low) & (v <= high)))
+            out[i] = _finite(v, low, high)
+    return bad
 
 
 @_parallel
-def _gather_parallel(a, b, product, positions, dense, low, high, out, chunks):
+def _gather_parallel(a, b, product, positions, dense, low, high, out, bad):
     """``out[i]``: the score at ``p = positions[i]`` (``p = i`` if ``dense``), ``|a[p] *
     b[p]|`` if ``product`` (in the arrays' dtype, as torch forms it) else ``a[p]``; NaN and
     values below ``low`` (-inf) become ``low``, values above ``high`` (+inf) ``high``. In
-    ``chunks`` parallel parts."""
+    ``bad.size`` parallel parts, each of which writes to ``bad[c]`` how many of its values
+    were outside [low, high] (NaN included)."""
     n = out.size
+    chunks = bad.size
     for c in numba.prange(chunks):
         lo, hi = c * n // chunks, (c + 1) * n // chunks
         if dense:
-            _gather_part(a[lo:hi], b[lo:hi], product, positions, dense, low, high, out[lo:hi])
+            bad[c] = _gather_part(
+                a[lo:hi], b[lo:hi], product, positions, dense, low, high, out[lo:hi]
+            )
         else:
-            _gather_part(a, b, product, positions[lo:hi], dense, low, high, out[lo:hi])
+            bad[c] = _gather_part(a, b, product, positions[lo:hi], dense, low, high, out[lo:hi])
 
 
 @_jit
@@ -166,11 +176,12 @@ def flat_indices(positions, strides, steps, out):
 
 
 def gather(a, b, product, positions, dense, low, high, out, chunks):
-    """See :func:`_gather_parallel`."""
+    """See :func:`_gather_parallel`; returns how many values were outside [low, high]."""
     if chunks > 1:
-        _gather_parallel(a, b, product, positions, dense, low, high, out, chunks)
-    else:
-        _gather_part(a, b, product, positions, dense, low, high, out)
+        bad = np.zeros(chunks, dtype=np.int64)
+        _gather_parallel(a, b, product, positions, dense, low, high, out, bad)
+        return int(bad.sum())
+    return int(_gather_part(a, b, product, positions, dense, low, high, out))
 
 
 def band(values, low, high, inside, bounds, counts):

@@ -32,7 +32,13 @@ from winnow.core._layout import (
 )
 from winnow.core.densities import check_density, check_scope
 from winnow.core.masks import Masks
-from winnow.core.scores import factors, float_dtype
+from winnow.core.scores import (
+    NonFiniteError,
+    check_nonfinite,
+    factors,
+    float_dtype,
+    nonfinite_message,
+)
 
 Rank = Callable[[np.ndarray], np.ndarray]
 """Positions (in increasing order) in an array of candidates -> keys in the order ties are
@@ -206,6 +212,7 @@ class Survivors:
         density: float | Mapping[str, float],
         scope: str = "global",
         min_per_layer: int = 0,
+        nonfinite: str = "error",
     ) -> dict[str, Tensor]:
         """Keep the top ``round(density * n)`` alive weights, exactly as :func:`select`.
 
@@ -213,7 +220,7 @@ class Survivors:
         removed as int64 positions (on the CPU) in the storage of a tensor laid out with
         ``strides[name]`` (:func:`flat_indices` turns them into flat indices).
         """
-        cuts = self._decide(scores, density, scope, min_per_layer)
+        cuts = self._decide(scores, density, scope, min_per_layer, nonfinite)
         # the removed positions are written to scratch, reused from round to round, then copied
         # out (few): fresh pages per round cost more than the copies
         alive = sum(values.size for values, _ in cuts.values())
@@ -247,13 +254,16 @@ class Survivors:
         density: float | Mapping[str, float],
         scope: str = "global",
         min_per_layer: int = 0,
+        nonfinite: str = "error",
     ) -> dict[str, np.ndarray]:
         """Which alive weights :meth:`select` would keep, as boolean flags per tensor (one per
         alive weight, in the order of ``index[name]``); the set of survivors is not changed
         (their positions follow the layout of ``scores``)."""
         return {
             n: _flags(values, cut)
-            for n, (values, cut) in self._decide(scores, density, scope, min_per_layer).items()
+            for n, (values, cut) in self._decide(
+                scores, density, scope, min_per_layer, nonfinite
+            ).items()
         }
 
     def _decide(
@@ -262,10 +272,13 @@ class Survivors:
         density: float | Mapping[str, float],
         scope: str,
         min_per_layer: int,
+        nonfinite: str,
     ) -> dict[str, tuple[np.ndarray, Cut]]:
         """Per tensor, the alive weights' scores (in the order of ``index[name]``) and the cut
-        that keeps the chosen ones."""
+        that keeps the chosen ones. Non-finite scores of alive weights raise
+        :class:`NonFiniteError` unless ``nonfinite`` is "lowest"."""
         check_scope(scope)
+        check_nonfinite(nonfinite)
         if set(scores) != set(self.shapes):
             raise ValueError("scores and current masks cover different parameters")
         if min_per_layer < 0:
@@ -289,8 +302,10 @@ class Survivors:
         # one buffer for all the alive scores, reused from round to round
         buffer = self._buffer(alive, np.float64 if dtype == torch.float64 else np.float32)
         values = {n: buffer[a:b] for n, a, b in zip(self.shapes, starts, ends, strict=True)}
-        for job in [self._gather(n, scores, dtype, v) for n, v in values.items()]:
-            job()  # each in parallel parts
+        jobs = {n: self._gather(n, scores, dtype, v) for n, v in values.items()}
+        bad = {n: job() for n, job in jobs.items()}  # each in parallel parts
+        if nonfinite == "error" and any(bad.values()):
+            raise NonFiniteError(nonfinite_message(bad, "scores"))
         ranks = {n: self._rank(n) for n in self.shapes}
         if layered:
             cuts = {}

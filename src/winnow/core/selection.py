@@ -29,6 +29,7 @@ def select(
     scope: str = "global",
     current: Masks | None = None,
     min_per_layer: int = 0,
+    nonfinite: str = "error",
 ) -> Masks:
     """Keep the highest-scoring weights: the top ``round(density * n)`` of them.
 
@@ -44,11 +45,17 @@ def select(
             density asks for more weights than are alive.
         min_per_layer: keep at least this many weights in every tensor (a guard against layer
             collapse); they count towards the total.
+        nonfinite: ``"error"`` (default): a NaN or infinite score of a weight still alive
+            raises :class:`~winnow.core.scores.NonFiniteError` naming the tensors (a NaN weight
+            or input makes every score of a gradient criterion NaN, and NaN has no rank);
+            ``"lowest"``: NaN and -inf rank below every finite score, +inf above.
 
     The masks are on the devices of the scores. Ties are broken by position: the first tensor
-    first, then the flat index. NaN and -inf scores rank below every finite score.
+    first, then the flat index.
     """
     survivors = Survivors({n: factors(scores, n)[0].shape for n in scores}, current)
-    keep = survivors.choose(scores, density, scope=scope, min_per_layer=min_per_layer)
+    keep = survivors.choose(
+        scores, density, scope=scope, min_per_layer=min_per_layer, nonfinite=nonfinite
+    )
     devices = {n: factors(scores, n)[0].device for n in scores}
     return survivors.masks(devices, keep)

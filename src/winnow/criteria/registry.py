@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from winnow.core.masks import Masks
 from winnow.core.prunable import prunable_parameters
+from winnow.core.scores import check_finite
 
 Implementation = Callable[..., Mapping[str, Tensor]]
 
@@ -119,7 +120,9 @@ class Scoring:
     """A criterion bound to a private copy of a model: score it, prune it, score it again.
 
     ``work`` is the copy (pruned weights zeroed when ``masks`` is given) and ``params`` its
-    parameters to score; ``state`` is what the criterion keeps between calls on this copy.
+    parameters to score; a NaN or infinite parameter of the copy raises
+    :class:`~winnow.core.scores.NonFiniteError` naming it; ``state`` is what the criterion
+    keeps between calls on this copy.
     Iterative pruning scores one :class:`Scoring` round after round, zeroing the weights it
     removes in ``params`` (:class:`winnow.schedules.Pruner`); the caller's model is never
     touched.
@@ -146,6 +149,7 @@ class Scoring:
         self.work, self.params = working_copy(model, names)
         if masks is not None:
             masks.apply(self.work)
+        check_finite(dict(self.work.named_parameters()), "weights")
         self.data = data
         self.state = self.criterion.new_state()
 

@@ -24,7 +24,7 @@ from winnow.core.masks import Masks
 from winnow.core.prunable import prunable_parameters
 from winnow.core.selection import select
 from winnow.criteria.basic import magnitude_scores
-from winnow.data import DataSplits
+from winnow.inputs import DataSource
 from winnow.schedules.density import PruneRate
 from winnow.schedules.pruner import Pruner
 from winnow.training import TrainConfig, TrainResult, train
@@ -94,7 +94,7 @@ def train_round(
     model: nn.Module,
     state: Mapping[str, Tensor],
     masks: Masks | None,
-    data: DataSplits,
+    data: DataSource,
     config: TrainConfig,
     start_iteration: int = 0,
     device: torch.device | str = "cpu",
@@ -146,7 +146,7 @@ class LotteryRound:
 
 def iterative_magnitude_pruning(
     model: nn.Module,
-    data: DataSplits,
+    data: DataSource,
     config: TrainConfig,
     rounds: int,
     rate: float | Mapping[str, float] = 0.2,

@@ -41,6 +41,7 @@ from winnow.core._topk import Survivors, zero_removed
 from winnow.core.densities import check_scope
 from winnow.core.masks import Masks
 from winnow.core.prunable import prunable_parameters
+from winnow.core.scores import check_finite
 from winnow.core.selection import select
 from winnow.criteria.registry import Criterion, Scoring, lookup
 from winnow.schedules.density import DensitySchedule
@@ -163,6 +164,7 @@ class Pruner:
         criterion = self.criterion
         if criterion.reads_only:  # magnitude, random: no private copy needed
             params = prunable_parameters(model, self.names)
+            check_finite(params, "weights")
             scores = criterion.implementation(model, params, self.data, self.options, None)
             return {n: scores[n].detach() for n in params}
         scoring = Scoring(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from winnow.data import DataSplits
+from winnow.inputs import DataSource, batches_per_pass, held_out, input_shape_of
 from winnow.structured.budget import Structure, threshold_for_budget
 from winnow.structured.dependency import ChannelGroup, analyse
 from winnow.structured.gates import add_gates, gate_modules
@@ -57,7 +57,7 @@ class GateResult:
 
 def learn_gates(
     model: nn.Module,
-    data: DataSplits,
+    data: DataSource,
     *,
     input_shape: Sequence[int] | None = None,
     epochs: float | None = 10.0,
@@ -91,7 +91,7 @@ def learn_gates(
         raise ValueError("set epochs or iterations")
     if not 0 <= ratio <= 1:
         raise ValueError(f"ratio is a fraction of gates in [0, 1], got {ratio}")
-    gated, groups = add_gates(model, input_shape or data.input_shape, include_tied=include_tied)
+    gated, groups = add_gates(model, input_shape or input_shape_of(data), include_tied=include_tied)
     if not groups:
         raise ValueError("the model has no channel group to gate")
     for param in gated.parameters():
@@ -102,13 +102,9 @@ def learn_gates(
         weight.requires_grad_(True)
     budget = {"iterations": iterations} if iterations is not None else {"epochs": epochs}
     config = TrainConfig(**budget, batch_size=batch_size, optimizer="adam", lr=lr, seed=seed)
-    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
-    if config.total_iterations(steps_per_epoch) < 1:
+    steps_per_epoch = batches_per_pass(data, batch_size)
+    if config.total_iterations(steps_per_epoch or 1) < 1:
         raise ValueError("learning gates needs at least one step")
-    if len(data.y_val):
-        held_out = {"val": (data.x_val, data.y_val)}
-    else:
-        held_out = {"val": (data.x_train[:1000], data.y_train[:1000])}
 
     def gate_penalty(_: nn.Module) -> Tensor:
         everything = torch.cat(weights)
@@ -123,7 +119,7 @@ def learn_gates(
         regularizer=gate_penalty,
         optimizer=torch.optim.Adam(weights, lr=lr),  # plain Adam over the gates only
         callbacks=[recorder],
-        eval_splits=held_out,
+        eval_splits={"val": held_out(data)},
         device=device,
         progress=progress,
         description="gates",
@@ -131,7 +127,7 @@ def learn_gates(
     result = GateResult({}, groups, recorder.history, iterations=trained.iterations)
     eligible = [i for i, row in enumerate(result.history) if row["nonzero"] <= ratio]
     best = (
-        max(eligible, key=lambda i: (result.history[i]["val_acc"], -i))
+        max(eligible, key=lambda i: (_quality(result.history[i]), -i))
         if eligible
         else len(result.history) - 1
     )
@@ -141,11 +137,18 @@ def learn_gates(
     return result
 
 
+def _quality(row: dict) -> float:
+    """Validation accuracy, or minus the loss for a model whose accuracy is not defined."""
+    if row.get("val_acc") is not None:
+        return row["val_acc"]
+    return -row["val_loss"] if row.get("val_loss") is not None else -math.inf
+
+
 class _GateRecorder(Callback):
     """Keeps the gates in [0, 1] after every step; after every evaluation, records the
     fraction of non-zero gates and keeps a copy of them."""
 
-    def __init__(self, modules: dict, weights: list[Tensor], steps_per_epoch: int) -> None:
+    def __init__(self, modules: dict, weights: list[Tensor], steps_per_epoch: int | None) -> None:
         self.modules, self.weights, self.steps_per_epoch = modules, weights, steps_per_epoch
         self.history: list[dict] = []
         self.snapshots: list[dict[str, Tensor]] = []
@@ -157,7 +160,7 @@ class _GateRecorder(Callback):
 
     def after_eval(self, row: dict, model: nn.Module) -> None:
         values = torch.cat([w.detach() for w in self.weights])
-        row["epoch"] = row["iteration"] / self.steps_per_epoch
+        row["epoch"] = row["iteration"] / self.steps_per_epoch if self.steps_per_epoch else None
         row["nonzero"] = float((values != 0).float().mean())
         row["mean_gate"] = float(values.mean())
         self.history.append(row)
@@ -185,7 +188,7 @@ class ScratchResult:
 
 def prune_from_scratch(
     model: str | nn.Module,
-    data: DataSplits,
+    data: DataSource,
     budget: float,
     *,
     seed: int = 0,
@@ -211,7 +214,7 @@ def prune_from_scratch(
     if isinstance(model, str):
         spec = spec_for(model, data, **(model_options or {}))
         model = rebuild(spec, seed=seed)
-    shape = tuple(input_shape or data.input_shape)
+    shape = tuple(input_shape or input_shape_of(data))
     found = learn_gates(model, data, input_shape=shape, seed=seed, **gate_options)
     structure = threshold_for_budget(
         found.gates,

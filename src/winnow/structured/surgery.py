@@ -127,6 +127,11 @@ def zoo_spec(
 
 def spec_for(name: str, data, **options: Any) -> dict[str, Any]:
     """:func:`zoo_spec` for a dataset (classes, channels and input size from ``data``)."""
+    if not hasattr(data, "num_classes") or not hasattr(data, "input_shape"):
+        raise ValueError(
+            f"building the zoo model {name!r} needs a DataSplits (its classes and input shape); "
+            "with other data pass the model itself"
+        )
     channels, *size = data.input_shape
     return zoo_spec(name, data.num_classes, channels, list(size), **options)
 
