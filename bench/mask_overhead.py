@@ -3,8 +3,11 @@
 Compares, at 90% sparsity, one training step (zero_grad, forward, backward, optimizer step) of
 
 - ``dense``:  the unpruned model;
-- ``winnow``: winnow's enforcement (gradient mask after accumulation + re-zero after the step,
-  nothing in the forward pass);
+- ``winnow``: winnow's enforcement (the gradients masked in one fused multiply at the
+  optimizer's pre-step hook, so any change of ``.grad`` after backward is masked too; nothing
+  in the forward pass);
+- ``accum``:  the gradients masked as they accumulate (a hook per tensor: winnow's design until
+  issue 15, still what :func:`winnow.enforce` does without an optimizer);
 - ``hooks``:  ``torch.nn.utils.prune`` (the weight is recomputed as weight_orig * mask by a
   forward pre-hook on every call).
 
@@ -14,7 +17,8 @@ ratio of the median step times (and of the 10%-trimmed means) to dense is report
 
     python bench/mask_overhead.py [--optimizer adam|adam-default|sgd] [--steps 3000] [--threads N]
 
-Target (issue 2): winnow / dense <= 1.03 on LeNet-300-100 at batch 60.
+Targets: winnow / dense <= 1.03 on LeNet-300-100 at batch 60 (issue 2), <= 1.05 with the
+mask at the optimizer's step (issue 15).
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ def build_variants(name: str, density: float, lr: float, optimizer_name: str) ->
     optimizer = make_optimizer(ours.parameters(), lr)
     enforce(ours, masks, optimizer)
     variants["winnow"] = (ours, optimizer)
+
+    accumulated = copy.deepcopy(base)
+    enforce(accumulated, masks)  # no optimizer: masked as the gradients accumulate
+    variants["accum"] = (accumulated, make_optimizer(accumulated.parameters(), lr))
 
     hooked = copy.deepcopy(base)
     modules = dict(hooked.named_modules())
@@ -153,9 +161,9 @@ def main() -> None:
                 f"{trimmed_mean(values) / dense_mean:>23.3f}"
             )
     target = results[("lenet300", "winnow")]
-    verdict = "meets" if target <= 1.03 else "misses"
+    verdict = "meets" if target <= 1.05 else "misses"
     print(
-        f"winnow / dense on LeNet-300-100 (ratio of medians): {target:.3f} ({verdict} the 1.03 "
+        f"winnow / dense on LeNet-300-100 (ratio of medians): {target:.3f} ({verdict} the 1.05 "
         "target)"
     )
 

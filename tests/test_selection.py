@@ -57,7 +57,8 @@ def test_nan_scores_are_an_error_naming_the_tensor_unless_ranked_lowest():
     kept = select(scores, 4 / 6, nonfinite="lowest")["l0"]
     assert kept.tolist() == [False, True, True]
     # a NaN among the weights already pruned is never read, so it is no error
-    current = Masks({"ok": torch.ones(3, dtype=torch.bool), "l0": torch.tensor([False, True, True])})
+    alive = torch.tensor([False, True, True])
+    current = Masks({"ok": torch.ones(3, dtype=torch.bool), "l0": alive})
     assert select(scores, 3 / 6, current=current).num_kept() == 3
     with pytest.raises(ValueError, match="nonfinite"):
         select(scores, 0.5, nonfinite="ignore")

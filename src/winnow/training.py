@@ -531,6 +531,8 @@ class _Loop:
         if self.config.clip_norm is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
+            if self.enforcer is not None:  # clip the gradient the step will apply
+                self.enforcer.mask_gradients()
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             nn.utils.clip_grad_norm_(params, self.config.clip_norm)
         if self.scaler is not None:

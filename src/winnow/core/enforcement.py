@@ -4,8 +4,14 @@ Design: instead of multiplying each weight by its mask in every
 forward pass (the forward-hook design of ``torch.nn.utils.prune``), pruned entries are
 
 1. zeroed once, together with the optimizer's per-parameter state (momentum, Adam moments);
-2. masked in the gradient, right after it is accumulated (a post-accumulate-grad hook), so
-   ``param.grad`` is exactly zero on pruned entries and no optimizer state can build up there;
+2. masked in the gradient right after it is accumulated (a post-accumulate-grad hook, while
+   the gradient is still in cache), and checked again at the optimizer's pre-step hook: a
+   gradient that was replaced (``p.grad = ...``) or changed in place after its masking
+   (differential-privacy noise, clipping, a gradient scaler's unscaling: any in-place
+   operation bumps the tensor's version counter) is masked again there, so the update sees
+   exactly zero on pruned entries whatever the loop did between backward and step, and no
+   optimizer state can build up there. An untouched gradient costs the check only (a look at
+   its identity and version);
 3. for optimizers whose update rule is not known to map (weight 0, gradient 0, state 0) to 0,
    zeroed again after every step (an optimizer step hook).
 
@@ -42,14 +48,23 @@ ZERO_PRESERVING: tuple[type[torch.optim.Optimizer], ...] = (
 
 
 class _MaskGradient:
-    """Post-accumulate-grad hook: ``param.grad *= mask`` (a small object, so deepcopy works)."""
+    """Post-accumulate-grad hook: ``param.grad *= mask`` (a small object, so deepcopy works).
+
+    ``masked`` is the identity and version of the gradient tensor it last masked: a gradient
+    with the same identity and version has not changed since (every in-place operation bumps
+    the version; a replaced ``.grad`` is another tensor)."""
 
     def __init__(self, keep: Tensor):
         self.keep = keep
+        self.masked: tuple[int, int] | None = None
 
     def __call__(self, param: Tensor) -> None:
-        if param.grad is not None:
-            param.grad.mul_(self.keep)
+        self.mask(param.grad)
+
+    def mask(self, grad: Tensor | None) -> None:
+        if grad is not None and self.masked != (id(grad), grad._version):
+            grad.mul_(self.keep)
+            self.masked = (id(grad), grad._version)
 
 
 class MaskEnforcer:
@@ -69,15 +84,22 @@ class MaskEnforcer:
         self._params: list[Tensor] = []
         self._keep: list[Tensor] = []
         self._handles: list = []
+        self._maskers: list[_MaskGradient] = []
         for name, param in params.items():
             keep = masks[name].to(device=param.device, dtype=param.dtype)
             self._params.append(param)
             self._keep.append(keep)
-            self._handles.append(param.register_post_accumulate_grad_hook(_MaskGradient(keep)))
+            masker = _MaskGradient(keep)
+            self._maskers.append(masker)
+            self._handles.append(param.register_post_accumulate_grad_hook(masker))
         self.zero_pruned()
-        for param, keep in zip(self._params, self._keep, strict=True):
-            if param.grad is not None:
-                param.grad.mul_(keep)
+        self.mask_gradients()
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights now, those changed since their last masking."""
+        for param, masker in zip(self._params, self._maskers, strict=True):
+            masker.mask(param.grad)
 
     @torch.no_grad()
     def zero_pruned(self) -> None:
@@ -95,6 +117,7 @@ class MaskEnforcer:
         """
         self._optimizers.append(optimizer)
         self._clear_state(optimizer)
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         if rezero is None:
             rezero = type(optimizer) not in ZERO_PRESERVING
         if rezero:
@@ -111,8 +134,9 @@ class MaskEnforcer:
         """
         if set(masks) != set(self._names):
             raise ValueError("the new masks cover different tensors than the enforced ones")
-        for name, keep in zip(self._names, self._keep, strict=True):
+        for name, keep, masker in zip(self._names, self._keep, self._maskers, strict=True):
             keep.copy_(masks[name].to(device=keep.device, dtype=keep.dtype))
+            masker.masked = None  # a gradient masked by the old masks needs the new ones
         self.masks = masks
         self.zero_pruned()
         for optimizer in self._optimizers:
@@ -130,6 +154,9 @@ class MaskEnforcer:
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, Tensor) and value.shape == param.shape:
                         value.mul_(keep.to(value.dtype))
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.mask_gradients()
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.zero_pruned()
@@ -166,8 +193,8 @@ def enforce(
         enforcer = winnow.enforce(model, masks, optimizer)
         for x, y in batches:
             optimizer.zero_grad()
-            loss_fn(model(x), y).backward()   # pruned gradients are already zero here
-            optimizer.step()                  # pruned weights are zero again after this
+            loss_fn(model(x), y).backward()   # .grad is dense here (clip, add noise: any)
+            optimizer.step()                  # masked at the step: pruned weights stay 0.0
     """
     enforcer = MaskEnforcer(model, masks)
     if optimizer is not None:
