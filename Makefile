@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned to the local CPU wheel: an unpinned torch pulls GBs of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[plots,data,dev]"
+	$(PY) -m pip install --quiet -e ".[plots,data,dev,hf]"
 	touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's package; without apt the tests that need it skip with a reason.

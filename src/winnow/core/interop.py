@@ -122,10 +122,10 @@ def to_ao(model: nn.Module, masks: Masks) -> nn.Module:
     return model
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The state_dict a plain instance of ``model``'s class loads strictly: unwrapped
-    (``torch.compile``, DDP, FSDP: no ``_orig_mod.`` or ``module.`` prefixes) and with
-    ``torch.nn.utils.prune`` or ``torch.ao.pruning`` masks baked into the weights."""
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as a plain instance of its class: unwrapped (``torch.compile``, DDP,
+    FSDP) and with ``torch.nn.utils.prune`` or ``torch.ao.pruning`` masks baked into the
+    weights. ``model`` is not changed."""
     model = unwrap(model)
     if _torch_pruned(model):
         model = from_torch_prune(model)[0]
@@ -135,5 +135,16 @@ def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if parametrize.is_parametrized(m)
         for n in m.parametrizations
     ):
-        model = from_ao(model)[0]
-    return dict(model.state_dict())
+        return from_ao(model)[0]
+    return copy.deepcopy(model)
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state_dict a plain instance of ``model``'s class loads strictly: unwrapped
+    (``torch.compile``, DDP, FSDP: no ``_orig_mod.`` or ``module.`` prefixes) and with
+    ``torch.nn.utils.prune`` or ``torch.ao.pruning`` masks baked into the weights."""
+    inner = unwrap(model)
+    reparametrised = _torch_pruned(inner) or any(
+        parametrize.is_parametrized(m) for m in inner.modules()
+    )
+    return dict((plain_copy(inner) if reparametrised else inner).state_dict())

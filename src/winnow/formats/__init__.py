@@ -16,6 +16,7 @@ fixed format is best everywhere; the lower bound for the index is ``log₂ C(n, 
   streams with checksummed JSON metadata, and back; loading never unpickles and reports any
   corruption as :class:`SparseFileError`. :func:`inspect_sparse` reads the header only.
 - ``winnow pack | unpack | inspect``: the same from the command line (:mod:`winnow.cli.formats`).
+- :func:`export_onnx` (:mod:`.onnx`): a pruned model to an ONNX file, checked against PyTorch.
 """
 
 from winnow.formats.checkpoint import (
@@ -30,6 +31,7 @@ from winnow.formats.codec import decode, encode
 from winnow.formats.encodings import DTYPES, FORMATS, Encoded, SparseView, bound_bits
 from winnow.formats.entropy import log2_binomial
 from winnow.formats.errors import SparseFileError
+from winnow.formats.onnx import export_onnx
 
 __all__ = [
     "DTYPES",
@@ -42,6 +44,7 @@ __all__ = [
     "choose_format",
     "decode",
     "encode",
+    "export_onnx",
     "format_sizes",
     "index_bits_per_nonzero",
     "inspect_sparse",
