@@ -41,6 +41,7 @@ from torch.fx.experimental.optimization import optimize_for_inference
 from winnow import models
 from winnow.experiments import scratch as experiment
 from winnow.experiments.store import RunStore
+from winnow.options import parse_fraction
 from winnow.structured import (
     analyse,
     count,
@@ -220,7 +221,9 @@ def cost(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("part", choices=("latency", "accuracy", "all"), nargs="?", default="all")
-    parser.add_argument("--budgets", default="50,30,25", help="percent of the dense FLOPs")
+    parser.add_argument(
+        "--budgets", default="50%,30%,25%", help="fractions of the dense FLOPs (0.5 or 50%%)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     latency_options = parser.add_argument_group("latency")
@@ -238,7 +241,9 @@ def main() -> None:
     acc = parser.add_argument_group("accuracy")
     acc.add_argument("--model", default="vgg11")
     acc.add_argument("--data", default="fashion-mnist")
-    acc.add_argument("--accuracy-budgets", default="50,30", help="percent of the dense FLOPs")
+    acc.add_argument(
+        "--accuracy-budgets", default="50%,30%", help="fractions of the dense FLOPs (0.5 or 50%%)"
+    )
     acc.add_argument("--width", type=float, default=0.25, help="multiplier of the zoo widths")
     acc.add_argument("--epochs", type=float, default=10, help="the dense schedule")
     acc.add_argument("--gate-epochs", type=float, default=10)
@@ -253,11 +258,11 @@ def main() -> None:
     if args.part in ("latency", "all"):
         lat = argparse.Namespace(**vars(args))
         lat.model = args.lat_model
-        lat.budgets = [float(b) / 100 for b in args.budgets.split(",")]
+        lat.budgets = [parse_fraction(b) for b in args.budgets.split(",")]
         latency(lat)
     if args.part in ("accuracy", "all"):
         run = argparse.Namespace(**vars(args))
-        run.budgets = [float(b) / 100 for b in args.accuracy_budgets.split(",")]
+        run.budgets = [parse_fraction(b) for b in args.accuracy_budgets.split(",")]
         run.seeds = seeds
         accuracy(run)
         cost(run)

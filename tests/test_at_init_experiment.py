@@ -96,7 +96,7 @@ def test_a_sweep_with_failed_runs_exits_non_zero(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setitem(EXPERIMENTS, "at-init", replace(spec, execute=failing))
     args = ["experiment", "at-init", "--model", "mlp", "--data", "synthetic", "--methods"]
-    args += ["magnitude,snip", "--densities", "20", "--seeds", "0", "--controls", "none"]
+    args += ["magnitude,snip", "--densities", "20%", "--seeds", "0", "--controls", "none"]
     args += ["--epochs", "1", "--data-limit", "100", "--results", str(tmp_path), "--no-progress"]
     assert winnow.cli.main(args) == 2
     captured = capsys.readouterr()

@@ -13,6 +13,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src"
 STAGES = {
     "winnow._version": 0,
     "winnow.options": 0,
+    "winnow.devices": 0,
     "winnow.io": 0,
     "winnow.core": 1,
     "winnow.data": 2,

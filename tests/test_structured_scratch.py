@@ -313,7 +313,7 @@ def test_scratch_experiment_runs_resumes_and_reports(tmp_path, monkeypatch):
     # the command line finds the same runs done and only reports
     calls_before = len(trainings)
     args = ["experiment", "scratch", "--data", "synthetic", "--width", "0.125", "--epochs", "0.5"]
-    args += ["--gate-epochs", "1", "--data-limit", "200", "--budgets", "50", "--seeds", "0"]
+    args += ["--gate-epochs", "1", "--data-limit", "200", "--budgets", "50%", "--seeds", "0"]
     args += ["--latency-batch", "8", "--latency-repeats", "2"]
     assert cli_main([*args, "--results", str(tmp_path), "--no-progress"]) == 0
     assert len(trainings) == calls_before

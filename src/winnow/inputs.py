@@ -160,6 +160,8 @@ def call(model: nn.Module, batch: Batch) -> Any:
     x = inputs(batch)
     if not isinstance(x, Mapping):
         return model(x)
+    if not isinstance(batch, Mapping):  # a tuple whose inputs are a dict: no labels passed
+        return model(**x)
     named = _arguments(model)
     extra = {k: v for k, v in batch.items() if k in LABEL_KEYS and k in named}
     return model(**x, **extra)

@@ -33,6 +33,7 @@ from winnow import inputs as batches
 from winnow.core.enforcement import enforce
 from winnow.core.masks import Masks
 from winnow.data import Batches, DataSplits, augmenter
+from winnow.devices import resolve_device
 from winnow.inputs import DataError, DataSource, LossFunction
 from winnow.options import option
 
@@ -349,11 +350,12 @@ def train(
 
     Raises:
         DataError: the training data is empty or cannot be read.
+        DeviceError: ``device`` does not exist here (CUDA asked without CUDA).
         TrainingDiverged: a loss became NaN or infinite (``config.on_nan == "stop"``).
     """
     loop = _Loop(
         model, data, config, masks, start_iteration, loss_fn, regularizer, pruner, optimizer,
-        callbacks, eval_splits, torch.device(device),
+        callbacks, eval_splits, resolve_device(device),
     )  # fmt: skip
     return loop.run(progress, description)
 

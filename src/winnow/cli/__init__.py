@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from winnow._version import __version__
 from winnow.cli import commands, formats
 from winnow.cli.command import Command
 from winnow.cli.experiments import add_experiments, run_experiment
+from winnow.devices import resolve_device
 
 COMMANDS = (
     Command(
@@ -73,12 +75,21 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each (no source line, no file path)."""
+    text = " ".join(str(message).split())
+    print(f"winnow: warning: {text}", file=file if file is not None else sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``winnow`` command; returns the exit status."""
+    warnings.showwarning = _show_warning
     args = parser().parse_args(argv)
     command = next(c for c in COMMANDS if c.name == args.command)
     started = time.perf_counter()
     try:
+        if getattr(args, "device", None) is not None:
+            resolve_device(args.device)  # before any work: one line, not a traceback
         command.run(args)
     except (ValueError, KeyError, FileNotFoundError, ImportError, OSError, RuntimeError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

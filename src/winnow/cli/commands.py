@@ -9,10 +9,12 @@ import torch
 
 from winnow import data as datasets
 from winnow import models
-from winnow.cli.options import add_config_options, config_from_args
+from winnow.cli.options import add_config_options, config_from_args, fraction_argument
 from winnow.core.masks import Masks
 from winnow.io import atomic_write_bytes
 from winnow.training import TrainConfig, TrainResult, train
+
+DEVICE_HELP = "where to compute: cpu, cuda, cuda:1, mps (default: cpu)"
 
 
 def print_report(paths: dict[str, Path]) -> None:
@@ -26,8 +28,9 @@ def print_report(paths: dict[str, Path]) -> None:
 def add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=6, help="pruning rounds (default: 6)")
     parser.add_argument(
-        "--rate", type=float, default=0.5, help="fraction pruned per round (default: 0.5)"
-    )
+        "--rate", type=fraction_argument, default=0.5, metavar="FRACTION",
+        help="fraction of the remaining weights pruned per round, 0.5 or 50%% (default: 0.5)",
+    )  # fmt: skip
     parser.add_argument(
         "--iterations", type=int, default=2500, help="training steps per round (default: 2500)"
     )
@@ -35,6 +38,7 @@ def add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--results", type=Path, default=Path("results/demo"), help="(default: results/demo)"
     )
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
@@ -56,6 +60,7 @@ def run_demo(args: argparse.Namespace) -> None:
         rounds=args.rounds,
         rate=args.rate,
         train=schedule,
+        device=args.device,
     )
     print(
         f"Lottery tickets (Frankle & Carbin 2019): {model_name} on {data_name}, "
@@ -75,11 +80,19 @@ TRAIN_DEFAULTS = TrainConfig(epochs=5.0)
 def add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a name from `winnow models`")
     parser.add_argument("--data", required=True, help="a name from `winnow datasets`")
-    parser.add_argument("--root", help="directory of the dataset files")
-    parser.add_argument("--limit", type=int, help="keep only the first N examples of each split")
-    parser.add_argument("--masks", type=Path, help="a mask file (Masks.save) to train sparse")
-    parser.add_argument("--out", type=Path, help="write the trained weights here (safetensors)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    parser.add_argument(
+        "--root", help="directory of the dataset files (default: the dataset's own place)"
+    )
+    parser.add_argument(
+        "--limit", type=int, help="keep only the first N examples of each split (default: all)"
+    )
+    parser.add_argument(
+        "--masks", type=Path, help="a mask file (Masks.save) to train sparse (default: dense)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="write the trained weights here, safetensors (default: not)"
+    )
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_options(parser, TrainConfig, TRAIN_DEFAULTS)
 
@@ -130,16 +143,27 @@ def add_prune_at_init(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="a name from `winnow datasets`")
     parser.add_argument("--root", help="directory of the dataset files")
     parser.add_argument("--method", required=True, help="a criterion: random, snip, synflow, ...")
-    parser.add_argument("--density", type=float, required=True, help="fraction kept, in [0, 1]")
-    parser.add_argument("--rounds", type=int, help="iterative rounds (default: 100 for synflow)")
     parser.add_argument(
-        "--scope", choices=("global", "layer"), default="global", help="(default: global)"
+        "--density", type=fraction_argument, required=True, metavar="FRACTION",
+        help="fraction of the weights kept: 0.1 or 10%%",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, help="iterative rounds (default: 100 for synflow, else 1)"
     )
     parser.add_argument(
-        "--min-per-layer", type=int, default=0, help="guard against collapse (default: 0)"
+        "--scope", choices=("global", "layer"), default="global",
+        help="one threshold for all layers, or the same density in each (default: global)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-per-layer", type=int, default=0,
+        help="keep at least this many weights in every layer, a guard against collapse "
+        "(default: 0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the model, the data and the masks (default: 0)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    parser.add_argument("--out", type=Path, help="write the masks here (safetensors)")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    parser.add_argument("--out", type=Path, help="write the masks here (default: not written)")
 
 
 def run_prune_at_init(args: argparse.Namespace) -> None:
@@ -148,7 +172,7 @@ def run_prune_at_init(args: argparse.Namespace) -> None:
     from winnow.schedules import prune_at_init
 
     data = datasets.load(args.data, root=args.root, seed=args.seed)
-    model = models.create_for(args.model, data, seed=args.seed)
+    model = models.create_for(args.model, data, seed=args.seed).to(args.device)
     options = {"seed": args.seed} if lookup(args.method).takes_seed() else {}
     masks = prune_at_init(
         model, args.method, args.density, data, rounds=args.rounds, scope=args.scope,
@@ -160,7 +184,7 @@ def run_prune_at_init(args: argparse.Namespace) -> None:
         f"pruned {gradient_norm(model, data, masks):.4g}"
     )
     if args.out:
-        masks.save(args.out)
+        masks.cpu().save(args.out)
         print(f"masks written to {args.out}")
 
 

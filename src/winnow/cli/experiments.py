@@ -29,7 +29,9 @@ def add_experiments(parser: argparse.ArgumentParser) -> None:
                 dest=f"axis.{axis.field}",
                 metavar=f"{axis.kind.__name__.upper()},...",
                 type=lambda text, kind=axis.kind: csv_list(text, kind),
-                help=f"{axis.help}, comma-separated (default: {axis.shown_default()})",
+                help=f"{axis.help}, comma-separated (default: {axis.shown_default()})".replace(
+                    "%", "%%"
+                ),
             )
         add_config_options(one, experiment.config, skip={a.field for a in experiment.axes})
         _common(one)

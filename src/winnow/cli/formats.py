@@ -28,7 +28,12 @@ from winnow.formats.checkpoint import (
 from winnow.formats.encodings import DTYPES, FORMATS, bound_bits
 from winnow.io import atomic_write_bytes, load_tensors, sniff
 
-RUN_WEIGHTS = ("final.safetensors", "weights.safetensors", "model.safetensors")
+RUN_WEIGHTS = (
+    "final.safetensors",
+    "pruned.safetensors",
+    "weights.safetensors",
+    "model.safetensors",
+)
 """Weight files looked for, in this order, when ``pack`` is given a run directory."""
 
 

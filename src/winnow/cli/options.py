@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from winnow.experiments.configs import dataclass_in
+from winnow.options import parse_fraction
 
 
 def _unwrap(hint: Any) -> tuple[Any, bool]:
@@ -31,11 +32,22 @@ def _unwrap(hint: Any) -> tuple[Any, bool]:
 
 
 def csv_list(text: str, kind: Callable[[str], Any] = str) -> tuple:
-    """``"a, b,c"`` as ``(kind(a), kind(b), kind(c))``; a clear ValueError otherwise."""
+    """``"a, b,c"`` as ``(kind(a), kind(b), kind(c))``; a clear error otherwise (the parser's
+    own message when ``kind`` is :func:`~winnow.options.parse_fraction`)."""
     try:
         return tuple(kind(item.strip()) for item in text.split(",") if item.strip())
-    except ValueError:
+    except ValueError as err:
+        if kind is parse_fraction:
+            raise argparse.ArgumentTypeError(str(err)) from None
         raise ValueError(f"cannot read {text!r} as a comma-separated list") from None
+
+
+def fraction_argument(text: str) -> float:
+    """:func:`winnow.options.parse_fraction`, its message shown by argparse as it is."""
+    try:
+        return parse_fraction(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _converter(hint: Any) -> tuple[Callable[[str], Any], str]:
@@ -96,12 +108,15 @@ def add_config_options(
                 groups[group] = parser.add_mutually_exclusive_group()
             target = groups[group]
         help_text = f"{field.metadata.get('help', '')} (default: {_shown(default)})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         kwargs: dict[str, Any] = {"dest": prefix + field.name, "default": None, "help": help_text}
         hint, _ = _unwrap(hints[field.name])
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"], kwargs["metavar"] = _converter(hint)
+            if field.metadata.get("fraction"):
+                kwargs["type"], kwargs["metavar"] = fraction_argument, "FRACTION"
             if field.metadata.get("choices"):
                 kwargs["choices"] = field.metadata["choices"]
                 kwargs.pop("metavar")

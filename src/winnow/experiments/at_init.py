@@ -35,7 +35,7 @@ from winnow.experiments.report import (
     write_table,
 )
 from winnow.experiments.store import Run, RunStore
-from winnow.options import option
+from winnow.options import option, parse_fraction
 from winnow.schedules import prune_at_init
 from winnow.training import TrainConfig, train
 
@@ -56,7 +56,7 @@ class AtInitConfig:
     model: str = option("lenet300", help="a model of `winnow models`")
     data: str = option("fashion-mnist", help="a dataset of `winnow datasets`")
     method: str = option("snip", help="a criterion of winnow.criteria, or dense")
-    density: float = option(0.1, help="fraction of the weights kept")
+    density: float = option(0.1, help="fraction of the weights kept", fraction=True)
     seed: int = option(0, help="seeds the initialisation, the data split and order, the masks")
     control: str = option("none", help="the control applied to the mask", choices=CONTROLS)
     rounds: int | None = option(
@@ -67,6 +67,10 @@ class AtInitConfig:
     )
     train: TrainConfig = option(factory=_five_epochs, help="how every network is trained")
     data_limit: int | None = option(None, help="keep only the first N examples of each split")
+    device: str = option("cpu", help="where to prune and train: cpu, cuda, cuda:1, ...")
+    keep_weights: bool = option(
+        True, help="keep the trained weights (final.safetensors, for winnow pack)"
+    )
 
     def __post_init__(self) -> None:
         if self.method != "dense" and self.method not in available_criteria():
@@ -112,6 +116,10 @@ def sweep(
     return configs
 
 
+FINAL_WEIGHTS = "final.safetensors"
+"""The trained weights of a run (what ``winnow pack <run directory>`` reads)."""
+
+
 def _pruned_intact(run: Run) -> bool:
     return run.intact("prune", [0])
 
@@ -130,9 +138,9 @@ def _masks(run: Run, config: AtInitConfig, model, data) -> Masks:
         return Masks.load(run.path("masks.safetensors"))
     options = {"seed": config.seed} if lookup(config.method).takes_seed() else {}
     masks = prune_at_init(
-        model, config.method, config.density, data, rounds=config.rounds, scope=config.scope,
-        **options,
-    )  # fmt: skip
+        model.to(config.device), config.method, config.density, data, rounds=config.rounds,
+        scope=config.scope, **options,
+    ).cpu()  # fmt: skip
     masks.save(run.path("masks.safetensors"))
     return masks
 
@@ -155,8 +163,13 @@ def execute(run: Run) -> None:
             model = models.create_for(config.model, data, seed=config.seed + REINIT_SEED_OFFSET)
         files = ["masks.safetensors"] if config.control == "none" else []
         run.record("prune", 0, pruned, files=files)
-    result = train(model, data, config.train_config(), masks=masks)
+    result = train(model, data, config.train_config(), masks=masks, device=config.device)
     best = result.early_stop
+    files = []
+    if config.keep_weights:
+        state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        run.save_tensors(FINAL_WEIGHTS, state)
+        files = [FINAL_WEIGHTS]
     run.record(
         "result",
         0,
@@ -168,6 +181,7 @@ def execute(run: Run) -> None:
             "density_kept": masks.density() if masks is not None else 1.0,
             "seconds": result.seconds,
         },
+        files=files,
     )
 
 
@@ -258,10 +272,9 @@ EXPERIMENT_SPEC = register(
             Axis(
                 "density",
                 "densities",
-                float,
+                parse_fraction,
                 PAPER_DENSITIES,
-                "percent of the weights kept",
-                unit=100,
+                "fractions of the weights kept (0.1 or 10%)",
             ),
             Axis("seed", "seeds", int, (0, 1, 2), "seeds"),
             Axis(

@@ -71,9 +71,14 @@ class LotteryConfig:
         0.2,
         help="fraction of the remaining weights pruned per round (fully connected layers, "
         "or all with --scope global)",
+        fraction=True,
     )
-    conv_rate: float | None = option(None, help="rate for convolutions (default: --rate)")
-    output_rate: float | None = option(None, help="rate for the output layer (default: --rate / 2)")
+    conv_rate: float | None = option(
+        None, help="rate for convolutions (none: --rate)", fraction=True
+    )
+    output_rate: float | None = option(
+        None, help="rate for the output layer (none: --rate / 2)", fraction=True
+    )
     scope: str = option(
         "layer", help="prune each layer, or rank all together", choices=("layer", "global")
     )
@@ -82,6 +87,10 @@ class LotteryConfig:
     control: str = option("none", help="ticket or control", choices=CONTROLS)
     train: TrainConfig = option(factory=_five_epochs, help="how every round is trained")
     data_limit: int | None = option(None, help="keep only the first N examples of each split")
+    device: str = option("cpu", help="where to train: cpu, cuda, cuda:1, ...")
+    keep_weights: bool = option(
+        True, help="keep the last round's trained weights (final.safetensors, for winnow pack)"
+    )
 
     def __post_init__(self) -> None:
         if self.model not in models.available():
@@ -171,6 +180,7 @@ def _execute_ticket(run: Run) -> None:
         _rates(config, model),
         scope=config.scope,
         rewind_iteration=config.rewind,
+        device=config.device,
         **resume,
     )
     for r in rounds:
@@ -180,7 +190,19 @@ def _execute_ticket(run: Run) -> None:
             r.masks.save(run.path(_masks_file(0)))
             files = ["init.safetensors", "rewind.safetensors", _masks_file(0), *files]
         r.next_masks.save(run.path(_masks_file(r.round + 1)))
+        if r.round == config.rounds and config.keep_weights:
+            _keep_final(run, r.trained, r.round)
+            files.append(FINAL_WEIGHTS)
         run.record("round", r.round, _metrics(r.masks, r.result), files=files)
+
+
+FINAL_WEIGHTS = "final.safetensors"
+"""The trained weights of a run's last round (what ``winnow pack <run directory>`` reads)."""
+
+
+def _keep_final(run: Run, state, round_: int) -> None:
+    plain = {k: v.detach().to("cpu") for k, v in state.items()}
+    run.save_tensors(FINAL_WEIGHTS, plain, {"round": round_})
 
 
 def _ticket_intact(ticket: Run) -> bool:
@@ -214,16 +236,21 @@ def _execute_control(run: Run) -> None:
         masks = Masks.load(ticket.path(_masks_file(round_)))
         if config.control == "random":
             masks = shuffle_within_layers(masks, seed=config.seed * 1000 + round_)
-        _, result = train_round(
+        trained, result = train_round(
             model,
             state,
             masks,
             data,
             config.train_config(),
             start_iteration=config.rewind,
+            device=config.device,
             description=f"{config.control} {round_}",
         )
-        run.record("round", round_, _metrics(masks, result))
+        files = []
+        if round_ == config.rounds and config.keep_weights:
+            _keep_final(run, trained.state_dict(), round_)
+            files = [FINAL_WEIGHTS]
+        run.record("round", round_, _metrics(masks, result), files=files)
 
 
 def execute(run: Run) -> None:

@@ -23,26 +23,22 @@ from winnow.experiments.store import Run, RunStore
 @dataclass(frozen=True)
 class Axis:
     """A configuration field a sweep varies: ``field`` takes every value of the list option
-    ``--<option>``, whose values are of type ``kind`` and counted in ``unit`` (100: the
-    command line says percent, the configuration holds fractions)."""
+    ``--<option>``, each read by ``kind`` (a type, or a parser such as
+    :func:`winnow.options.parse_fraction`)."""
 
     field: str
     option: str
-    kind: type
+    kind: Callable[[str], Any]
     default: tuple
     help: str
-    unit: float = 1.0
 
     def values(self, given: Sequence[Any] | None) -> tuple:
         """The configuration values for the command-line values ``given`` (None: default)."""
-        if given is None:
-            return self.default
-        return tuple(v / self.unit if self.unit != 1.0 else v for v in given)
+        return self.default if given is None else tuple(given)
 
     def shown_default(self) -> str:
         """The default as the command line writes it."""
-        values = self.default if self.unit == 1.0 else [v * self.unit for v in self.default]
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in self.default)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from winnow.experiments.report import (
 )
 from winnow.experiments.store import Run, RunStore
 from winnow.io import atomic_write_bytes
-from winnow.options import option
+from winnow.options import option, parse_fraction
 from winnow.structured import (
     Structure,
     analyse,
@@ -101,7 +101,7 @@ class ScratchConfig:
     model: str = option("vgg11", help="a VGG or ResNet of `winnow models`")
     data: str = option("fashion-mnist", help="a dataset of `winnow datasets`")
     method: str = option("scratch", help="how the structure is found", choices=METHODS)
-    budget: float = option(0.5, help="fraction of the dense FLOPs kept")
+    budget: float = option(0.5, help="fraction of the dense FLOPs kept", fraction=True)
     seed: int = option(0, help="seeds the initialisation, the data split and order")
     width: float = option(1.0, help="multiplier of the zoo's widths")
     schedule: str = option(
@@ -588,7 +588,7 @@ EXPERIMENT_SPEC = register(
                 "methods to compare (dense runs are added)",
             ),
             Axis(
-                "budget", "budgets", float, (0.5, 0.3), "percent of the dense FLOPs kept", unit=100
+                "budget", "budgets", parse_fraction, (0.5, 0.3), "fractions of the dense FLOPs kept"
             ),
             Axis("seed", "seeds", int, (0, 1), "seeds"),
         ),
