@@ -141,7 +141,9 @@ def run_train(args: argparse.Namespace) -> None:
 def add_prune_at_init(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a name from `winnow models`")
     parser.add_argument("--data", required=True, help="a name from `winnow datasets`")
-    parser.add_argument("--root", help="directory of the dataset files")
+    parser.add_argument(
+        "--root", help="directory of the dataset files (default: the dataset's own place)"
+    )
     parser.add_argument("--method", required=True, help="a criterion: random, snip, synflow, ...")
     parser.add_argument(
         "--density", type=fraction_argument, required=True, metavar="FRACTION",

@@ -182,7 +182,9 @@ def _encoding_options(parser: argparse.ArgumentParser) -> None:
 def _pack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="a safetensors state_dict, or a run directory")
     parser.add_argument("--out", type=Path, required=True, help="the sparse checkpoint to write")
-    parser.add_argument("--masks", type=Path, help="zero what these masks prune before packing")
+    parser.add_argument(
+        "--masks", type=Path, help="zero what these masks prune before packing (default: none)"
+    )
     _encoding_options(parser)
 
 
