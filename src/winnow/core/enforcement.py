@@ -59,7 +59,10 @@ class _MaskGradient:
         self.masked: tuple[int, int] | None = None
 
     def __call__(self, param: Tensor) -> None:
-        self.mask(param.grad)
+        grad = param.grad
+        if grad is not None:
+            grad.mul_(self.keep)
+            self.masked = (id(grad), grad._version)
 
     def mask(self, grad: Tensor | None) -> None:
         if grad is not None and self.masked != (id(grad), grad._version):
@@ -156,7 +159,10 @@ class MaskEnforcer:
                         value.mul_(keep.to(value.dtype))
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self.mask_gradients()
+        for param, masker in zip(self._params, self._maskers, strict=False):
+            grad = param.grad  # unchanged since its masking: the check only
+            if grad is not None and masker.masked != (id(grad), grad._version):
+                masker.mask(grad)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.zero_pruned()
