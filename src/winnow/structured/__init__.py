@@ -7,7 +7,8 @@ remove and removes them:
   output, its BatchNorm, the next layers' inputs, a flatten, residual additions), traced with
   ``torch.fx``; a group that cannot be pruned exactly says why.
 - :func:`count` (``flops``): per-layer and total MACs (the literature's "FLOPs"), elementwise
-  operations and parameters.
+  operations and parameters of any model (recurrent layers by formula, attention and anything
+  else through ``torch.utils.flop_counter.FlopCounterMode``); what is not counted is named.
 - :func:`add_gates`, :func:`apply_channel_masks` (``gates``): a scalar gate per channel after
   each BatchNorm, before the activation.
 - :func:`learn_gates`, :func:`prune_from_scratch` (``scratch``): Pruning from Scratch (Wang et
