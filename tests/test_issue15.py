@@ -363,6 +363,10 @@ def test_empty_data_is_an_error():
 
 
 # -- 7. the command line -------------------------------------------------------------------------
+TRAIN = ["train", "--model", "lenet300", "--data", "synthetic"]
+PRUNE = ["prune-at-init", "--model", "lenet300", "--data", "synthetic", "--method"]
+
+
 def cli(capsys, *args):
     from winnow.cli import main
 
@@ -376,26 +380,15 @@ def test_device_everywhere_and_cuda_without_cuda_is_one_line(capsys, tmp_path):
         pytest.skip("this machine has CUDA")
     from winnow.cli import parser
 
-    top = parser()
-    commands = top._subparsers._group_actions[0].choices
+    commands = parser()._subparsers._group_actions[0].choices
     for name in ("train", "prune-at-init", "demo"):
         assert "--device" in commands[name].format_help(), name
     experiments = commands["experiment"]._subparsers._group_actions[0].choices
     for name in ("at-init", "lottery", "scratch"):
         assert "--device" in experiments[name].format_help(), name
     for args in (
-        ["train", "--model", "lenet300", "--data", "synthetic", "--iterations", "1"],
-        [
-            "prune-at-init",
-            "--model",
-            "lenet300",
-            "--data",
-            "synthetic",
-            "--method",
-            "snip",
-            "--density",
-            "0.1",
-        ],
+        [*TRAIN, "--iterations", "1"],
+        [*PRUNE, "snip", "--density", "0.1"],
         ["experiment", "at-init", "--data", "synthetic", "--results", tmp_path],
     ):
         status, out, err = cli(capsys, *args, "--device", "cuda")
@@ -413,50 +406,25 @@ def test_every_option_has_help_and_a_default_or_is_required():
             if isinstance(action, argparse._SubParsersAction):
                 for name, sub in action.choices.items():
                     yield from walk(sub, f"{path} {name}")
-            elif action.option_strings and action.dest != "help" and action.dest != "version":
+            elif action.option_strings and action.dest not in ("help", "version"):
                 yield path, action
 
     missing = []
     for path, action in walk(parser(), "winnow"):
-        flag = action.option_strings[-1]
         text = action.help or ""
         switch = isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction))
         if not text or not (action.required or switch or "default" in text):
-            missing.append(f"{path} {flag}")
+            missing.append(f"{path} {action.option_strings[-1]}")
     assert not missing, missing
 
 
 def test_epochs_zero_and_percent_without_a_sign_are_errors(capsys):
-    status, _, err = cli(
-        capsys, "train", "--model", "lenet300", "--data", "synthetic", "--epochs", "0"
-    )
+    status, _, err = cli(capsys, *TRAIN, "--epochs", "0")
     assert status == 2 and "epochs must be > 0" in err
     with pytest.raises(SystemExit):
-        cli(
-            capsys,
-            "prune-at-init",
-            "--model",
-            "lenet300",
-            "--data",
-            "synthetic",
-            "--method",
-            "snip",
-            "--density",
-            "10",
-        )
+        cli(capsys, *PRUNE, "snip", "--density", "10")
     assert "write a fraction (0.1) or a percent with % (10%)" in capsys.readouterr().err
-    status, out, _ = cli(
-        capsys,
-        "prune-at-init",
-        "--model",
-        "lenet300",
-        "--data",
-        "synthetic",
-        "--method",
-        "magnitude",
-        "--density",
-        "10%",
-    )
+    status, out, _ = cli(capsys, *PRUNE, "magnitude", "--density", "10%")
     assert status == 0 and "10.00%" in out
 
 
@@ -465,17 +433,7 @@ def test_warnings_are_one_line():
     import sys
 
     run = "import sys; from winnow.cli import main; sys.exit(main(sys.argv[1:]))"
-    args = [
-        "prune-at-init",
-        "--model",
-        "lenet300",
-        "--data",
-        "synthetic",
-        "--method",
-        "snip",
-        "--density",
-        "0.00001",
-    ]
+    args = [*PRUNE, "snip", "--density", "0.00001"]
     done = subprocess.run([sys.executable, "-c", run, *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "warning" in line.lower()]
@@ -485,40 +443,18 @@ def test_warnings_are_one_line():
 
 @pytest.mark.parametrize("experiment", ["at-init", "lottery"])
 def test_every_run_directory_packs(capsys, tmp_path, experiment):
-    common = [
-        "--data",
-        "synthetic",
-        "--seeds",
-        "0",
-        "--iterations",
-        "2",
-        "--data-limit",
-        "64",
-        "--results",
-        tmp_path,
-        "--no-progress",
-    ]
+    import json
+
+    args = ["experiment", experiment, "--data", "synthetic", "--seeds", "0", "--iterations", "2"]
+    args += ["--data-limit", "64", "--results", tmp_path, "--no-progress"]
     if experiment == "at-init":
-        args = [
-            "experiment",
-            "at-init",
-            "--methods",
-            "snip",
-            "--densities",
-            "10%",
-            "--controls",
-            "shuffle",
-            *common,
-        ]
+        args += ["--methods", "snip", "--densities", "10%", "--controls", "shuffle"]
     else:
-        args = ["experiment", "lottery", "--rounds", "1", "--controls", "none", *common]
+        args += ["--rounds", "1", "--controls", "none"]
     status, out, err = cli(capsys, *args)
     assert status == 0, err
     runs = [p for p in (tmp_path / experiment).iterdir() if p.is_dir()]
-    assert runs
     if experiment == "at-init":  # the method's runs are in the sweep beside the control's
-        import json
-
         controls = {json.loads((r / "config.json").read_text())["config"]["control"] for r in runs}
         assert {"none", "shuffle"} <= controls
     for run in runs:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from winnow.core.prunable import prunable_parameters, tied_parameter_names, unwrap
+from winnow.core.prunable import named_parameters, prunable_parameters
 from winnow.io import WinnowFileError, read_container, write_container
 
 FILE_FORMAT = "winnow.masks"
@@ -195,25 +195,14 @@ class Masks(Mapping[str, Tensor]):
     def check_model(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The model's parameters for these masks (a wrapped model's, by their plain names:
         see :func:`winnow.core.prunable.unwrap`); ``ValueError`` on a missing name or shape."""
-        model = unwrap(model)
-        params = dict(model.named_parameters())
-        aliases = tied_parameter_names(model)
-        out = {}
+        params = named_parameters(model, self, what="mask")
         for name, mask in self.items():
-            if name in aliases:
-                raise ValueError(
-                    f"mask {name!r} names a tied parameter; "
-                    f"use its canonical name {aliases[name]!r}"
-                )
-            if name not in params:
-                raise ValueError(f"mask {name!r} matches no parameter of {type(model).__name__}")
             if params[name].shape != mask.shape:
                 raise ValueError(
                     f"mask {name!r} has shape {tuple(mask.shape)} but the parameter has "
                     f"{tuple(params[name].shape)}"
                 )
-            out[name] = params[name]
-        return out
+        return params
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> nn.Module:

@@ -197,7 +197,10 @@ def prunable_parameters(
     _refuse_torch_prune(model)
     params = dict(model.named_parameters())
     if names is not None:
-        return _named(model, params, list(names))
+        chosen = named_parameters(model, names)
+        if not chosen:
+            raise ValueError("no parameter names given")
+        return chosen
     rules = rules or DEFAULT_RULES
     found = _apply_rules(model, params, rules)
     if report:
@@ -225,20 +228,28 @@ def prunable_parameters(
     return chosen
 
 
-def _named(model: nn.Module, params: dict, names: list[str]) -> dict[str, nn.Parameter]:
+def named_parameters(
+    model: nn.Module, names: Iterable[str], what: str = "parameter"
+) -> dict[str, nn.Parameter]:
+    """The parameters of ``model`` (unwrapped) called ``names``, in that order; ``ValueError``
+    naming an unknown name, or the alias of a tied weight with its canonical name (``what``
+    says what named it: a parameter, a mask)."""
+    model = unwrap(model)
+    params = dict(model.named_parameters())
     aliases = tied_parameter_names(model)
     chosen: dict[str, nn.Parameter] = {}
     for name in names:
         if name in aliases:
             raise ValueError(
-                f"parameter {name!r} is tied to {aliases[name]!r} (the same tensor); "
-                f"name it once, as {aliases[name]!r}"
+                f"{what} {name!r} names a tied parameter (tied to {aliases[name]!r}, the same "
+                f"tensor); use its canonical name {aliases[name]!r}"
             )
         if name not in params:
-            raise ValueError(f"model has no parameter named {name!r}")
+            raise ValueError(
+                f"{what} {name!r} matches no parameter of {type(model).__name__} "
+                f"(no parameter named {name!r})"
+            )
         chosen[name] = params[name]
-    if not chosen:
-        raise ValueError("no parameter names given")
     return chosen
 
 
