@@ -135,3 +135,27 @@ def test_flops_count_every_weight_matrix(name):
     assert counts.flops >= floor, (counts.flops, floor, counts.uncounted)
     if positions > 1 and name not in ("bert",):  # BERT's pooler and head see one position
         assert counts.flops >= floor * positions * 0.5, (counts.flops, floor * positions)
+
+
+@pytest.mark.parametrize("name", ["resnet", "grouped-cat"])
+def test_channel_surgery_or_the_reason_it_is_refused(name):
+    """Channel pruning of the CNNs: every prunable group shrinks to a smaller network that
+    computes what the masked one does; a group that cannot (the stem read by the grouped and
+    depthwise convolutions of the concatenation) is refused with its reason."""
+    from winnow.structured import apply_channel_masks, find_groups, shrink
+
+    case = case_of(name)
+    model = case.model().eval()
+    groups = find_groups(model, case.input_shape)
+    keep = {g.name: torch.arange(g.size) % 2 == 0 for g in groups if g.prunable and not g.tied}
+    assert keep
+    small, _ = shrink(model, keep, case.input_shape)
+    masked = apply_channel_masks(model, keep, case.input_shape).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(case.x[:4]), masked(case.x[:4]))
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    for group in groups:
+        if not group.prunable:
+            assert group.reason, group.name
+            with pytest.raises(ValueError, match="grouped convolution|output"):
+                shrink(model, {group.name: torch.arange(group.size) % 2 == 0}, case.input_shape)
