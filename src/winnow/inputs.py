@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from winnow.core.prunable import unwrap
 from winnow.data import DataSplits
 
 Batch = Any
@@ -168,9 +169,10 @@ def call(model: nn.Module, batch: Batch) -> Any:
 
 
 def _arguments(model: nn.Module) -> frozenset[str]:
-    """The names of the explicit arguments of ``model.forward`` (empty if unknown)."""
+    """The names of the explicit arguments of ``model.forward`` (of the model a wrapper such as
+    ``torch.compile`` or DDP holds; empty if unknown)."""
     try:
-        return frozenset(inspect.signature(model.forward).parameters)
+        return frozenset(inspect.signature(unwrap(model).forward).parameters)
     except (TypeError, ValueError):
         return frozenset()
 

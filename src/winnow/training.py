@@ -522,11 +522,9 @@ class _Loop:
             batch = batches.move(batch, self.device)
             with self.autocast:
                 loss = self.loss_fn(self.forward, batch)
+                data_loss += loss.detach().float()
                 if self.regularizer is not None:
-                    data_loss += loss.detach().float()
                     loss = loss + self.regularizer(self.model)
-                else:
-                    data_loss += loss.detach().float()
             if share != 1.0:
                 loss = loss * share
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
