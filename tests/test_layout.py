@@ -27,6 +27,7 @@ STAGES = {
     "winnow.variational": 6,
     "winnow.neurons": 6,
     "winnow.analysis": 6,
+    "winnow.layerwise": 6,
     "winnow.formats": 7,
     "winnow.experiments": 8,
     "winnow.cli": 9,

@@ -17,6 +17,8 @@ The public API is small; each piece lives in a module of its own, loaded on firs
   select before or after training, one-shot or iteratively.
 - :func:`save_sparse`, :func:`load_sparse` (``winnow.formats``): a pruned model in one compact,
   checksummed file (Hoefler et al. 2021, §2.2), and back, bitwise exactly.
+- :func:`oneshot` (``winnow.layerwise``): SparseGPT, Wanda and per-row magnitude, layer by
+  layer with calibration data, to a density or an N:M pattern.
 - :func:`prune_from_scratch`, :func:`shrink` (``winnow.structured``): channel structures at a
   FLOPs budget (Pruning from Scratch and its baselines), and the smaller dense network.
 
@@ -48,13 +50,14 @@ _EXPORTS = {
     "train": "winnow.training",
     "save_sparse": "winnow.formats",
     "load_sparse": "winnow.formats",
+    "oneshot": "winnow.layerwise",
     "prune_from_scratch": "winnow.structured",
     "shrink": "winnow.structured",
 }
 """Public names, and the module each comes from (imported on first access)."""
 
 _MODULES = (
-    "analysis", "core", "criteria", "data", "experiments", "formats", "io", "models",
+    "analysis", "core", "criteria", "data", "experiments", "formats", "io", "layerwise", "models",
     "neurons", "regularizers", "schedules", "structured", "training", "variational",
 )  # fmt: skip
 """Subpackages reachable as attributes (``winnow.data.load``) without importing them first."""
@@ -67,6 +70,7 @@ if TYPE_CHECKING:  # what static tools see; at run time each comes on first acce
     from winnow.core.selection import select
     from winnow.criteria import score
     from winnow.formats import load_sparse, save_sparse
+    from winnow.layerwise import oneshot
     from winnow.schedules import Pruner, prune_after_training, prune_at_init
     from winnow.structured import prune_from_scratch, shrink
     from winnow.training import TrainConfig, TrainResult, evaluate, train
@@ -99,6 +103,7 @@ __all__ = [
     "evaluate",
     "load_sparse",
     "models",
+    "oneshot",
     "prunable_parameters",
     "prune_after_training",
     "prune_at_init",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from winnow.core.nm import Pattern, nm_violations
 from winnow.core.prunable import named_parameters, prunable_parameters
 from winnow.io import WinnowFileError, read_container, write_container
 
@@ -38,9 +39,17 @@ class Masks(Mapping[str, Tensor]):
 
     Immutable in spirit: operations return new ``Masks``. Build one with
     :meth:`Masks.ones` (everything kept) or from a mapping of boolean tensors.
+
+    ``patterns`` records, for masks chosen with an N:M pattern (:mod:`winnow.core.nm`), the
+    pattern and the input dimension of each tensor: name -> ``(n, m, dim)``; it is saved with
+    the masks and checked by :meth:`check_patterns`. Combining masks drops it.
     """
 
-    def __init__(self, masks: Mapping[str, Tensor]):
+    def __init__(
+        self,
+        masks: Mapping[str, Tensor],
+        patterns: Mapping[str, tuple[int, int, int]] | None = None,
+    ):
         checked: dict[str, Tensor] = {}
         for name, mask in masks.items():
             if not isinstance(mask, Tensor):
@@ -49,6 +58,19 @@ class Masks(Mapping[str, Tensor]):
                 raise TypeError(f"mask {name!r} has dtype {mask.dtype}; masks are torch.bool")
             checked[name] = mask.detach()
         self._masks = checked
+        self.patterns: dict[str, tuple[int, int, int]] = {}
+        for name, pattern in (patterns or {}).items():
+            if name not in checked:
+                raise ValueError(f"a pattern is given for {name!r}, which has no mask")
+            n, m, dim = (int(v) for v in pattern)
+            self.patterns[name] = (n, m, dim)
+
+    def check_patterns(self) -> None:
+        """``ValueError`` naming a mask that keeps more than N of M where its pattern says N:M."""
+        for name, (n, m, dim) in self.patterns.items():
+            broken = nm_violations(self[name], Pattern(n, m), dim, name)
+            if broken:
+                raise ValueError(f"mask {name!r} breaks its {n}:{m} pattern in {broken} groups")
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -216,7 +238,7 @@ class Masks(Mapping[str, Tensor]):
 
     def to(self, device: torch.device | str) -> Masks:
         """A copy with every mask on ``device``."""
-        return Masks({n: m.to(device) for n, m in self.items()})
+        return Masks({n: m.to(device) for n, m in self.items()}, self.patterns)
 
     def cpu(self) -> Masks:
         return self.to("cpu")
@@ -233,6 +255,8 @@ class Masks(Mapping[str, Tensor]):
         for name, mask in self.items():
             arrays[name] = torch.from_numpy(np.packbits(mask.cpu().numpy().reshape(-1)))
             entries[name] = {"shape": list(mask.shape)}
+            if name in self.patterns:
+                entries[name]["pattern"] = list(self.patterns[name])
         write_container(path, FILE_FORMAT, entries, arrays)
 
     @classmethod
@@ -243,8 +267,19 @@ class Masks(Mapping[str, Tensor]):
         corrupted file, a checksum mismatch, or a file that is not a winnow mask file.
         """
         container = read_container(path, FILE_FORMAT, error=MaskFileError, what="winnow mask file")
-        masks = {}
+        masks, patterns = {}, {}
         for name in container.order:
+            pattern = container.entries[name].get("pattern")
+            if pattern is not None:
+                if not (
+                    isinstance(pattern, list)
+                    and len(pattern) == 3
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)
+                    and 0 <= pattern[0] <= pattern[1]
+                    and pattern[1] >= 1
+                ):
+                    raise MaskFileError(f"{container.path}: invalid N:M pattern for {name!r}")
+                patterns[name] = tuple(pattern)
             shape = container.entries[name].get("shape")
             if not isinstance(shape, list) or not all(
                 isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 48 for s in shape
@@ -262,4 +297,7 @@ class Masks(Mapping[str, Tensor]):
                 )
             bits = np.unpackbits(packed.numpy(), count=count).astype(bool).reshape(shape)
             masks[name] = torch.from_numpy(bits).to(device)
-        return cls(masks)
+        try:
+            return cls(masks, patterns)
+        except ValueError as err:
+            raise MaskFileError(f"{container.path}: {err}") from None

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from winnow.core._topk import Survivors, zero_removed
 from winnow.core.densities import check_scope
 from winnow.core.masks import Masks
-from winnow.core.prunable import prunable_parameters
+from winnow.core.nm import input_dims, is_pattern, parse_pattern
+from winnow.core.prunable import prunable_parameters, unwrap
 from winnow.core.scores import check_finite
 from winnow.core.selection import select
 from winnow.criteria.registry import Criterion, Scoring, lookup
@@ -65,7 +66,9 @@ class Pruner:
         criterion: a registered name, a :class:`~winnow.criteria.Criterion`, or a function
             ``model -> scores``.
         schedule: a density schedule (:mod:`winnow.schedules.density`).
-        scope: ``"global"`` or ``"layer"``.
+        scope: ``"global"``, ``"layer"``, or an N:M pattern (``"2:4"``: the top N of every M
+            consecutive weights along each input dimension; the schedule's densities must then
+            be N/M, e.g. ``OneShot(0.5)`` for 2:4).
         data: what data-driven criteria score with (a DataSplits, ``(x, y)`` or batches).
         options: the criterion's options (a mapping, or an instance of its options class).
         names: the parameters to prune (default: the prunable weights, or those of ``masks``).
@@ -92,7 +95,10 @@ class Pruner:
     ) -> None:
         if schedule is None:
             raise ValueError("a Pruner needs a density schedule (see winnow.schedules.density)")
-        check_scope(scope)
+        if is_pattern(scope):
+            parse_pattern(scope)  # a malformed pattern fails here, not at the first step
+        else:
+            check_scope(scope)
         if min_per_layer < 0:
             raise ValueError(f"min_per_layer must be >= 0, got {min_per_layer}")
         if callable(criterion) and not isinstance(criterion, Criterion):
@@ -143,8 +149,9 @@ class Pruner:
         scores = self._score_live(model)
         current = self.masks if target.cumulative else None
         self.masks = select(
-            scores, target.density, self.scope, current=current, min_per_layer=self.min_per_layer
-        )
+            scores, target.density, self.scope, current=current,
+            min_per_layer=self.min_per_layer, input_dims=input_dims(unwrap(model), scores),
+        )  # fmt: skip
         return self.masks
 
     def __call__(self, iteration: int, model: nn.Module) -> Masks | None:
@@ -192,6 +199,8 @@ class Pruner:
             self.criterion, model, self.data, self.options, names=self.names, masks=self.start
         )
         params = scoring.params
+        if is_pattern(self.scope):
+            return self._pruned_to_pattern(scoring, steps, progress)
         devices = {n: p.device for n, p in params.items()}
         survivors = Survivors({n: p.shape for n, p in params.items()}, self.start)
         relative = getattr(self.schedule, "relative", False)
@@ -219,3 +228,27 @@ class Pruner:
                 current = survivors.masks(devices)
         self.masks = survivors.masks(devices)
         return scoring.work, self.masks
+
+    def _pruned_to_pattern(
+        self, scoring: Scoring, steps: Iterable[int], progress: bool
+    ) -> tuple[nn.Module, Masks]:
+        """:meth:`pruned` for an N:M scope: each pruning step selects the pattern among the
+        weights alive and zeroes the others in the copy."""
+        dims = input_dims(scoring.work, scoring.params)
+        current = self.start
+        for iteration in steps:
+            target = self.schedule.target(iteration, self._current(scoring.work, current))
+            if target is None:
+                continue
+            scores = scoring.scores()
+            formed = {n: scores[n].detach() for n in scoring.params}
+            before = current if target.cumulative else None
+            current = select(formed, target.density, self.scope, before, input_dims=dims)
+            if self.update is not None:
+                with torch.no_grad():
+                    self.update(scoring, before, current)
+            current.apply(scoring.work)
+        if current is None:
+            raise ValueError(f"{self.schedule!r} never pruned")
+        self.masks = current
+        return scoring.work, current
