@@ -147,6 +147,7 @@ def encode_state(
     arrays: dict[str, np.ndarray] = {}
     entries: dict[str, Any] = {}
     infos = []
+    addresses: set[int] = set()
     for name, tensor in state.items():
         view = SparseView.of(tensor)
         encoded = encode(view, _format_for(format, name))
@@ -158,7 +159,12 @@ def encode_state(
         streams = {**encoded.streams, "values": value_stream}
         for stream, data in streams.items():
             if data.size:  # empty streams are implied by their size, 0, in the metadata
-                arrays[f"{name}#{stream}"] = np.ascontiguousarray(data, np.uint8)
+                array = np.ascontiguousarray(data, np.uint8)
+                address = array.__array_interface__["data"][0]
+                if address in addresses:  # a tied weight's stream: its own copy on disk
+                    array = array.copy()
+                addresses.add(address)
+                arrays[f"{name}#{stream}"] = array
         entries[name] = {
             "format": encoded.format,
             "shape": list(view.shape),

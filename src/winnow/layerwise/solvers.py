@@ -150,9 +150,9 @@ def sparsegpt(
         errors = torch.zeros_like(block)
         local = factor[start:end, start:end]
         local_diag = diagonal[start:end]
-        if pattern is None:
+        if pattern is None:  # the block's share of the layer's exact count, rounded once
             cost = block.pow(2) / local_diag.pow(2)
-            k = round((1.0 - density) * cost.numel())
+            k = round((1.0 - density) * rows * end) - round((1.0 - density) * rows * start)
             chosen = torch.sort(cost.flatten(), stable=True).indices[:k]
             drop = torch.zeros(cost.numel(), dtype=torch.bool, device=w.device)
             drop[chosen] = True
