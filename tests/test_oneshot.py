@@ -275,3 +275,35 @@ def test_hugging_face_models_prune_and_reload_strictly(family, target, tmp_path)
 
 def test_pattern_object_density():
     assert Pattern(2, 4).density == 0.5 and str(Pattern(4, 8)) == "4:8"
+
+
+@needs_hf
+def test_the_oneshot_command_writes_a_sparse_checkpoint_and_a_pretrained_directory(
+    tmp_path, capsys
+):
+    from safetensors.torch import save_file
+
+    from winnow.cli import main
+    from winnow.layerwise.pretrained import load_pretrained
+
+    model = hf_models()["gpt2"]()
+    model.save_pretrained(tmp_path / "model")
+    save_file({"input_ids": torch.randint(0, 64, (20, 16))}, str(tmp_path / "calib.safetensors"))
+    status = main([
+        "oneshot", str(tmp_path / "model"), "--method", "sparsegpt", "--pattern", "2:4",
+        "--calibration", str(tmp_path / "calib.safetensors"), "--samples", "8", "--length", "12",
+        "--out", str(tmp_path / "m.sparse"), "--masks", str(tmp_path / "masks.safetensors"),
+        "--save-pretrained", str(tmp_path / "pruned"),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0 and "8 layers pruned to 50.00%" in out
+    masks = Masks.load(tmp_path / "masks.safetensors")
+    masks.check_patterns()
+    pruned = load_pretrained(tmp_path / "pruned")
+    state = winnow.load_sparse(tmp_path / "m.sparse")
+    for name, mask in masks.items():
+        assert bool((pruned.get_parameter(name)[~mask] == 0).all())
+        assert torch.equal(state[name], pruned.get_parameter(name).detach())
+    status = main(["oneshot", str(tmp_path), "--method", "wanda", "--density", "0.5",
+                   "--calibration", str(tmp_path / "calib.safetensors"), "--out", "x"])  # fmt: skip
+    assert status == 2 and "not a Hugging Face model directory" in capsys.readouterr().err

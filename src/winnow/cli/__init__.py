@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 
 from winnow._version import __version__
-from winnow.cli import commands, formats
+from winnow.cli import commands, formats, oneshot
 from winnow.cli.command import Command
 from winnow.cli.experiments import add_experiments, run_experiment
 from winnow.devices import resolve_device
@@ -59,6 +59,7 @@ COMMANDS = (
         None,
         commands.run_datasets,
     ),  # fmt: skip
+    *oneshot.COMMANDS,
     *formats.COMMANDS,
 )
 
