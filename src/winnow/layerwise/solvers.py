@@ -146,10 +146,11 @@ def sparsegpt(
     diagonal = torch.diagonal(factor)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        block = w[:, start:end].clone()
-        errors = torch.zeros_like(block)
+        block = w[:, start:end]  # a view: updated in place
         local = factor[start:end, start:end]
         local_diag = diagonal[start:end]
+        # errors[i] = (w_i − ŵ_i)/[U]_ii for column i of the block, as rows of a contiguous array
+        errors = torch.empty(end - start, rows, dtype=dtype, device=w.device)
         if pattern is None:  # the block's share of the layer's exact count, rounded once
             cost = block.pow(2) / local_diag.pow(2)
             k = round((1.0 - density) * rows * end) - round((1.0 - density) * rows * start)
@@ -157,21 +158,22 @@ def sparsegpt(
             drop = torch.zeros(cost.numel(), dtype=torch.bool, device=w.device)
             drop[chosen] = True
             drop = drop.view_as(cost)
+            scale = drop.to(dtype) / local_diag
         else:
             drop = torch.zeros_like(block, dtype=torch.bool)
+            scale = torch.zeros_like(block)
         for i in range(end - start):
             if pattern is not None and i % pattern.m == 0:
-                cost = block[:, i : i + pattern.m].pow(2) / local_diag[i : i + pattern.m].pow(2)
+                group = slice(i, i + pattern.m)
+                cost = block[:, group].pow(2) / local_diag[group].pow(2)
                 worst = torch.sort(cost, dim=1, stable=True).indices[:, : pattern.m - pattern.n]
-                drop[:, i : i + pattern.m].scatter_(1, worst, True)
-            column = block[:, i]
-            kept = column.masked_fill(drop[:, i], 0.0)
-            error = (column - kept) / local[i, i]
-            block[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
-            block[:, i] = kept
-            errors[:, i] = error
-        w[:, start:end] = block
-        w[:, end:] -= errors @ factor[start:end, end:]
+                drop[:, group].scatter_(1, worst, True)
+                scale[:, group] = drop[:, group].to(dtype) / local_diag[group]
+            # one product and one rank-1 update per column: the error is 0 where w_i is kept
+            torch.mul(block[:, i], scale[:, i], out=errors[i])
+            block[:, i:].addr_(errors[i], local[i, i:], alpha=-1.0)
+        block.masked_fill_(drop, 0.0)  # exact zeros where the update left rounding residue
+        w[:, end:].addmm_(errors.T, factor[start:end, end:], alpha=-1.0)
         pruned[:, start:end] = drop
     keep = ~pruned
     if bool(dead.any()):
