@@ -25,6 +25,7 @@ STAGES = {
     "winnow.structured": 6,
     "winnow.regularizers": 6,
     "winnow.variational": 6,
+    "winnow.bayesian": 6,
     "winnow.neurons": 6,
     "winnow.analysis": 6,
     "winnow.layerwise": 6,
