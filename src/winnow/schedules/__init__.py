@@ -20,6 +20,7 @@ the literature is one of them:
   (Hassibi & Stork 1992; Singh & Alistarh 2020).
 """
 
+from winnow.schedules.adaptive import AdaptiveRate, ObserveValidation
 from winnow.schedules.at_init import (
     DEFAULT_ROUNDS,
     LayerCollapseWarning,
@@ -47,6 +48,7 @@ from winnow.schedules.obs import obs_prune, obs_update_rule
 from winnow.schedules.pruner import Pruner, UpdateRule
 
 __all__ = [
+    "AdaptiveRate",
     "DEFAULT_ROUNDS",
     "DenseSparseDense",
     "DensitySchedule",
@@ -55,6 +57,7 @@ __all__ = [
     "GradualPruner",
     "LayerCollapseWarning",
     "LotteryRound",
+    "ObserveValidation",
     "OneShot",
     "Phases",
     "PruneRate",
