@@ -20,6 +20,7 @@ STAGES = {
     "winnow.models": 2,
     "winnow.inputs": 2,
     "winnow.training": 3,
+    "winnow.resumable": 3,
     "winnow.criteria": 4,
     "winnow.schedules": 5,
     "winnow.structured": 6,

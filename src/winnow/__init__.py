@@ -14,7 +14,8 @@ The public API is small; each piece lives in a module of its own, loaded on firs
 - :func:`select` (``winnow.core.selection``): scores -> masks, globally or per layer.
 - :class:`Pruner` (``winnow.schedules``): a criterion, a density schedule and a scope; every
   pruning method is one. :func:`prune_at_init` and :func:`prune_after_training` score and
-  select before or after training, one-shot or iteratively.
+  select before or after training, one-shot or iteratively. :class:`DynamicSparsity`: sparse
+  training from scratch with drop and grow (SET, RigL) over uniform, ER or ERK densities.
 - :func:`save_sparse`, :func:`load_sparse` (``winnow.formats``): a pruned model in one compact,
   checksummed file (Hoefler et al. 2021, §2.2), and back, bitwise exactly.
 - :func:`oneshot` (``winnow.layerwise``): SparseGPT, Wanda and per-row magnitude, layer by
@@ -42,6 +43,7 @@ _EXPORTS = {
     "select": "winnow.core.selection",
     "score": "winnow.criteria",
     "Pruner": "winnow.schedules",
+    "DynamicSparsity": "winnow.schedules",
     "prune_at_init": "winnow.schedules",
     "prune_after_training": "winnow.schedules",
     "TrainConfig": "winnow.training",
@@ -71,7 +73,7 @@ if TYPE_CHECKING:  # what static tools see; at run time each comes on first acce
     from winnow.criteria import score
     from winnow.formats import load_sparse, save_sparse
     from winnow.layerwise import oneshot
-    from winnow.schedules import Pruner, prune_after_training, prune_at_init
+    from winnow.schedules import DynamicSparsity, Pruner, prune_after_training, prune_at_init
     from winnow.structured import prune_from_scratch, shrink
     from winnow.training import TrainConfig, TrainResult, evaluate, train
 
@@ -91,6 +93,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DynamicSparsity",
     "Masks",
     "MaskEnforcer",
     "Pruner",

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from winnow.data import Batches, DataSplits, augmenter
 from winnow.devices import resolve_device
 from winnow.inputs import DataError, DataSource, LossFunction
 from winnow.options import option
+from winnow.resumable import capture, load_state, restore_pruner, save_state
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -312,6 +315,7 @@ def train(
     device: torch.device | str = "cpu",
     progress: bool = False,
     description: str = "train",
+    checkpoint: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` and return its :class:`TrainResult`.
 
@@ -334,7 +338,12 @@ def train(
       ``(iteration, model) -> masks or None``): called before the first step and after every
       step; new masks it returns are enforced from then on. A pruner with an ``end`` (its
       last pruning iteration) must end within the budget. The masks in force at the end are
-      ``result.masks``.
+      ``result.masks``. A pruner with ``needs_gradient(iteration)`` (growth:
+      :class:`winnow.schedules.DynamicSparsity`) is given the dense gradients of the steps it
+      asks for as ``step(iteration, model, gradients=...)``; the other steps cost as before.
+    - ``checkpoint``: a file holding the run's whole state (:mod:`winnow.resumable`), written
+      atomically after every evaluation; when it exists at the start, training resumes from
+      it with the same records and weights as an uninterrupted run (same arguments needed).
     - ``optimizer``: use this optimizer instead of the one ``config`` names (the config's
       learning-rate schedule still applies to it).
     - ``callbacks``: :class:`Callback` hooks after every step and every evaluation.
@@ -355,7 +364,7 @@ def train(
     """
     loop = _Loop(
         model, data, config, masks, start_iteration, loss_fn, regularizer, pruner, optimizer,
-        callbacks, eval_splits, resolve_device(device),
+        callbacks, eval_splits, resolve_device(device), checkpoint,
     )  # fmt: skip
     return loop.run(progress, description)
 
@@ -437,7 +446,7 @@ class _Loop:
 
     def __init__(
         self, model, data, config, masks, start_iteration, loss_fn, regularizer, pruner,
-        optimizer, callbacks, eval_splits, device,
+        optimizer, callbacks, eval_splits, device, checkpoint=None,
     ) -> None:  # fmt: skip
         self.stream = _Stream(data, config)
         self.model, self.config, self.device = model.to(device), config, device
@@ -447,11 +456,15 @@ class _Loop:
         self.total = config.total_iterations(self.stream.steps_per_epoch())
         if not 0 <= start_iteration <= self.total:
             raise ValueError(f"start_iteration {start_iteration} is outside [0, {self.total}]")
-        self.start = start_iteration
         self.eval_every = config.eval_every or self.stream.steps_per_epoch()
         self.splits = dict(_default_splits(data) if eval_splits is None else eval_splits)
         self.result = TrainResult()
         self.optimizer = optimizer if optimizer is not None else make_optimizer(model, config)
+        self.pruner, self.rng = pruner, None
+        self.state_path = None if checkpoint is None else Path(checkpoint)
+        if self.state_path is not None and self.state_path.exists():
+            masks, start_iteration = self.resume(load_state(self.state_path))
+        self.start = start_iteration
         total, start = self.total, start_iteration
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(config, start + step, total)
@@ -463,16 +476,41 @@ class _Loop:
                 f"after the {total} of training"
             )
         self.prune_step = getattr(pruner, "step", pruner)
+        self.needs_gradient = getattr(pruner, "needs_gradient", None)
         self.loss_fn = batches.loss_of(loss_fn)
         self.regularizer, self.callbacks = regularizer, list(callbacks)
         self.autocast = _autocast(config.precision, device)
         self.scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
 
+    def resume(self, state: dict) -> tuple[Masks | None, int]:
+        """Load a saved state into the model, optimizer and pruner; the masks and iteration."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        restore_pruner(self.pruner, state["pruner"])
+        self.result.history = list(state["history"])
+        self.result.checkpoints = {int(k): dict(v) for k, v in state["saved"].items()}
+        self.rng = state["rng"]
+        masks = None if state["masks"] is None else Masks(dict(state["masks"]))
+        return masks, int(state["iteration"])
+
+    def save_state(self, iteration: int) -> None:
+        if self.state_path is None:
+            return
+        masks = self.enforcer.masks if self.enforcer is not None else None
+        save_state(self.state_path, capture(
+            iteration, self.model, self.optimizer, masks, self.pruner, self.result.history,
+            self.result.checkpoints,
+        ))  # fmt: skip
+
     def prune(self, iteration: int) -> None:
         """Ask the pruner for new masks at ``iteration`` and enforce them."""
         if self.prune_step is None:
             return
-        new = self.prune_step(iteration, self.model)
+        if self.needs_gradient is not None:  # growth: the dense gradient of this step
+            gradients = self.enforcer.dense_gradients() if self.enforcer is not None else None
+            new = self.prune_step(iteration, self.model, gradients=gradients)
+        else:
+            new = self.prune_step(iteration, self.model)
         if new is None:
             return
         if self.enforcer is None:
@@ -550,11 +588,16 @@ class _Loop:
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(self.config.seed + self.start)
+                if self.rng is not None:  # resumed: the generator as it was at the save
+                    torch.set_rng_state(self.rng)
                 self.model.train()
                 self.prune(self.start)
                 self.checkpoint(self.start)
                 running, count = torch.zeros((), device=device), 0
                 for step, group in self.stream.steps(total - self.start, self.start):
+                    if self.needs_gradient is not None and self.enforcer is not None:
+                        if self.needs_gradient(step + 1):
+                            self.enforcer.capture_dense_gradients()
                     running += self.step(group)
                     count += 1
                     done = step + 1
@@ -565,6 +608,7 @@ class _Loop:
                     if done % self.eval_every == 0 or done == total:
                         row = self.record(done, float(running) / count)
                         running, count = torch.zeros((), device=device), 0
+                        self.save_state(done)
                         self.model.train()
                         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **_shown(row))
                     bar.update(1)

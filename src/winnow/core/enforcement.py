@@ -57,15 +57,23 @@ class _MaskGradient:
     def __init__(self, keep: Tensor):
         self.keep = keep
         self.masked: tuple[int, int] | None = None
+        self.capture = False  # keep the next gradient dense until it is masked, and copy it
+        self.dense: Tensor | None = None
 
     def __call__(self, param: Tensor) -> None:
         grad = param.grad
-        if grad is not None:
-            grad.mul_(self.keep)
-            self.masked = (id(grad), grad._version)
+        if grad is None:
+            return
+        if self.capture:  # accumulate densely; masked (and copied) before the step
+            self.masked = None
+            return
+        grad.mul_(self.keep)
+        self.masked = (id(grad), grad._version)
 
     def mask(self, grad: Tensor | None) -> None:
         if grad is not None and self.masked != (id(grad), grad._version):
+            if self.capture:
+                self.dense, self.capture = grad.detach().clone(), False
             grad.mul_(self.keep)
             self.masked = (id(grad), grad._version)
 
@@ -103,6 +111,29 @@ class MaskEnforcer:
         """Zero the gradients of pruned weights now, those changed since their last masking."""
         for param, masker in zip(self._params, self._maskers, strict=True):
             masker.mask(param.grad)
+
+    def capture_dense_gradients(self) -> None:
+        """Keep the gradients of the next optimizer step dense until they are masked (at the
+        step, or by :meth:`mask_gradients`), and keep a copy of each dense gradient then, for
+        :meth:`dense_gradients`. Growth by gradient (RigL) asks for it at its update steps
+        only; the other steps cost what they did."""
+        for masker in self._maskers:
+            masker.capture, masker.dense, masker.masked = True, None, None
+
+    @torch.no_grad()
+    def dense_gradients(self) -> dict[str, Tensor]:
+        """The dense gradients captured since :meth:`capture_dense_gradients` (name -> tensor;
+        a gradient still waiting, as after a step a gradient scaler skipped, is copied and
+        masked now); the copies are handed over and forgotten."""
+        gradients: dict[str, Tensor] = {}
+        for name, param, masker in zip(self._names, self._params, self._maskers, strict=True):
+            if masker.capture:
+                masker.mask(param.grad)
+                masker.capture = False
+            if masker.dense is not None:
+                gradients[name] = masker.dense
+            masker.dense = None
+        return gradients
 
     @torch.no_grad()
     def zero_pruned(self) -> None:

@@ -48,7 +48,7 @@ Example::
                 Path("results/pai/summary"))
 """
 
-from winnow.experiments import at_init, lottery, scratch  # noqa: E402  (they register)
+from winnow.experiments import at_init, lottery, scratch, sparse_training  # noqa: E402, F401
 from winnow.experiments.configs import config_from_dict, config_id, config_to_dict
 from winnow.experiments.registry import EXPERIMENTS, Axis, Experiment, register
 from winnow.experiments.report import aggregate, bar_plot, line_plot, markdown_table, write_table

@@ -16,6 +16,9 @@ the literature is one of them:
   training loop steps (``winnow.train(..., pruner=...)``): Zhu & Gupta 2017's polynomial
   schedule, and dense-sparse-dense / iterative hard thresholding phases (Han et al. 2017; Jin
   et al. 2016).
+- :class:`DynamicSparsity` (``growth``): sparse training from scratch that drops and grows
+  at a fixed budget: SET (random growth), RigL (growth by the dense gradient), SNFS-style
+  momentum growth, over uniform, Erdős–Rényi or ERK layer densities.
 - :func:`obs_prune` (``obs``): WoodFisher scores with the OBS update of the remaining weights
   (Hassibi & Stork 1992; Singh & Alistarh 2020).
 """
@@ -38,6 +41,7 @@ from winnow.schedules.density import (
     polynomial_sparsity,
 )
 from winnow.schedules.during_training import DenseSparseDense, GradualPruner
+from winnow.schedules.growth import DropGrow, DynamicSparsity, rigl_pruner, set_pruner
 from winnow.schedules.lottery import (
     LotteryRound,
     iterative_magnitude_pruning,
@@ -51,6 +55,8 @@ __all__ = [
     "AdaptiveRate",
     "DEFAULT_ROUNDS",
     "DenseSparseDense",
+    "DropGrow",
+    "DynamicSparsity",
     "DensitySchedule",
     "ExponentialRounds",
     "Gradual",
@@ -72,4 +78,6 @@ __all__ = [
     "polynomial_sparsity",
     "prune_after_training",
     "prune_at_init",
+    "rigl_pruner",
+    "set_pruner",
 ]

@@ -59,13 +59,18 @@ class DensitySchedule(Protocol):
 
 @dataclass(frozen=True)
 class OneShot:
-    """Prune once, to ``density`` (kept), at step ``at``."""
+    """Prune once, to ``density`` (kept), at step ``at``; a mapping name -> density gives each
+    tensor its own (e.g. from :func:`winnow.core.distributions.layer_densities`: random-ERK)."""
 
-    density: float
+    density: float | Mapping[str, float]
     at: int = 0
 
     def __post_init__(self) -> None:
-        check_density(self.density)
+        if isinstance(self.density, Mapping):
+            for name, value in self.density.items():
+                check_density(value, f"the density of {name!r}")
+        else:
+            check_density(self.density)
 
     def target(self, iteration: int, current: Masks | None) -> Target | None:
         return Target(self.density) if iteration == self.at else None
