@@ -2,7 +2,8 @@
 
 LeNet-300-100 and LeNet-5 at 10, 5, 2 and 1% density, three seeds: static random masks
 (uniform and ERK), SNIP, SynFlow, SET (uniform, ERK), RigL (uniform, ERK), gradual magnitude
-pruning (dense to sparse), RigL-ERK trained 2x longer, and the dense network; every run is one
+pruning (dense to sparse), the lottery ticket of the density (global IMP, ~20.6% a round),
+RigL-ERK trained 2x longer, and the dense network; every run is one
 of ``winnow experiment sparse-training`` (Adam, lr 1.2e-3, batch 60; updates every 100 steps,
 alpha 0.3, no updates after 75% of training). The run store is kept under ``--results``, so an
 interrupted bench resumes where it stopped.
@@ -27,7 +28,7 @@ from winnow import TrainConfig
 from winnow.experiments import sparse_training as st
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("static", "snip", "synflow", "set", "rigl", "gradual")
+METHODS = ("static", "snip", "synflow", "set", "rigl", "gradual", "lottery")
 
 
 def configs(model: str, epochs: float, seeds: tuple[int, ...], densities: tuple[float, ...]):

@@ -24,13 +24,15 @@ def test_every_method_trains_to_the_density_with_its_flops(tmp_path):
     configs = tiny(budgets=(1.0, 2.0))
     methods = {(c.method, c.distribution, c.budget) for c in configs}
     assert ("rigl", "erk", 2.0) in methods and ("snip", "global", 1.0) in methods
-    assert len(configs) == 2 * (1 + 3 * 2 + 3)  # per budget: dense, 3 x 2 distributions, 3
+    # per budget: dense, 3 methods x 2 distributions, snip, synflow, gradual; one lottery
+    assert len(configs) == 2 * (1 + 3 * 2 + 3) + 1
     store, summary = st.EXPERIMENT_SPEC.run(tmp_path, configs, progress=False)
     assert not summary.failed
     rows = store.records(st.EXPERIMENT, kind="result")
     assert len(rows) == len(configs)
     for row in rows:
-        assert row["iterations"] == 60 * row["budget"]
+        if row["method"] != "lottery":
+            assert row["iterations"] == 60 * row["budget"]
         assert row["density_kept"] == pytest.approx(row["density"], abs=2e-3)
         flops = row["train_flops_relative"]
         if row["method"] in ("static", "set", "snip", "synflow"):
@@ -43,6 +45,9 @@ def test_every_method_trains_to_the_density_with_its_flops(tmp_path):
             assert flops == pytest.approx(expected, rel=0.02)
         elif row["method"] == "gradual":
             assert row["density"] < flops < 1.0
+        elif row["method"] == "lottery":  # round 10 of ~20.6% a round: 10.0% kept
+            assert row["lottery_round"] == 10
+            assert flops == pytest.approx(sum(0.1 ** (k / 10) for k in range(11)), rel=0.01)
         else:
             assert flops == 1.0
     paths = st.report(tmp_path)
@@ -98,6 +103,8 @@ def test_configuration_errors():
         st.SparseTrainingConfig(method="lottery-ish")
     with pytest.raises(ValueError, match="budget"):
         st.SparseTrainingConfig(budget=0)
+    with pytest.raises(ValueError, match="its budget is 1"):
+        st.SparseTrainingConfig(method="lottery", distribution="global", budget=2)
 
 
 def test_weight_macs_of_a_convolution():

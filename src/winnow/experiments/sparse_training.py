@@ -11,6 +11,14 @@ number of steps and ends at the same density.
   decayed fraction ``alpha``, no updates after ``stop`` of training);
 - ``gradual``: dense-to-sparse magnitude pruning along Zhu & Gupta's cubic schedule, from
   10% to 75% of training (global scope);
+- ``lottery``: the winning ticket of that density (Frankle & Carbin 2019): the run of the
+  ``lottery`` experiment with the same model, data, seed and training, global iterative
+  magnitude pruning at the rate 1 − 10^(−1/10) ≈ 20.6% per round, whose rounds 10, 13, 17 and
+  20 keep 10, 5.01, 2.00 and 1% of the weights (any density is served by its nearest round;
+  the record says which). It is run first if the store lacks it (a shared artefact, linked as
+  the parent) and serves every density of its seed. Its accuracy is the ticket's training
+  at that round; its training FLOPs include the dense training and every pruning round
+  before (finding the ticket is most of its cost);
 - ``dense``: the reference.
 
 ``budget`` multiplies the training length (RigL trained 2× longer). Each run records the final
@@ -25,6 +33,7 @@ model with hooks. A run saves its whole training state after every evaluation
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,8 +45,10 @@ from winnow.core.densities import check_density
 from winnow.core.distributions import layer_densities
 from winnow.core.masks import Masks
 from winnow.core.prunable import prunable_parameters
+from winnow.experiments import lottery
 from winnow.experiments.common import load_data
 from winnow.experiments.configs import check_run_seed
+from winnow.experiments.lottery import LotteryConfig
 from winnow.experiments.registry import Axis, Experiment, register
 from winnow.experiments.report import (
     aggregate,
@@ -53,11 +64,14 @@ from winnow.schedules.growth import DynamicSparsity
 from winnow.training import Callback, TrainConfig, train
 
 EXPERIMENT = "sparse-training"
-METHODS = ("dense", "static", "snip", "synflow", "set", "rigl", "gradual")
+METHODS = ("dense", "static", "snip", "synflow", "set", "rigl", "gradual", "lottery")
 DISTRIBUTION_METHODS = ("static", "set", "rigl")
+DEFAULT_METHODS = ("static", "snip", "synflow", "set", "rigl", "gradual", "lottery")
 """Methods that start from a random mask with per-layer densities of a distribution."""
 DISTRIBUTIONS = ("uniform", "erk", "global")
 STATE_FILE = "state.safetensors"
+LOTTERY_RATE = 1.0 - 10.0**-0.1
+"""The per-round rate of the lottery tickets: ten rounds per factor of ten in density."""
 
 
 def _five_epochs() -> TrainConfig:
@@ -100,6 +114,8 @@ class SparseTrainingConfig:
         check_density(self.density)
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0, got {self.budget}")
+        if self.method == "lottery" and self.budget != 1.0:
+            raise ValueError("a lottery ticket trains each round for `train`: its budget is 1")
         if self.model not in models.available():
             raise ValueError(f"unknown model {self.model!r}")
         check_run_seed(self.train)
@@ -113,7 +129,7 @@ class SparseTrainingConfig:
 
 
 def sweep(
-    methods: tuple[str, ...] = ("static", "snip", "synflow", "set", "rigl", "gradual"),
+    methods: tuple[str, ...] = DEFAULT_METHODS,
     distributions: tuple[str, ...] = ("uniform", "erk"),
     densities: tuple[float, ...] = (0.1, 0.05, 0.02, 0.01),
     seeds: tuple[int, ...] = (0, 1, 2),
@@ -131,7 +147,7 @@ def sweep(
         shapes = distributions if method in DISTRIBUTION_METHODS else ("global",)
         for distribution in shapes:
             for density in densities:
-                for budget in budgets:
+                for budget in budgets if method != "lottery" else (1.0,):
                     for seed in seeds:
                         configs.append(SparseTrainingConfig(
                             method=method, distribution=distribution, density=density,
@@ -230,9 +246,47 @@ def _pruner(config: SparseTrainingConfig, model: nn.Module, data, total: int):
     return None, pruner
 
 
+def lottery_config(config: SparseTrainingConfig) -> LotteryConfig:
+    """The lottery run whose rounds reach ``config.density`` (global scope, ≈20.6% a round;
+    at least 20 rounds, so one run serves 10% down to 1%)."""
+    rounds = math.ceil(math.log(max(config.density, 1e-6)) / math.log(1.0 - LOTTERY_RATE) - 0.05)
+    return LotteryConfig(
+        model=config.model, data=config.data, rounds=max(20, rounds), rate=LOTTERY_RATE,
+        scope="global", seed=config.seed, train=config.train, data_limit=config.data_limit,
+        device=config.device, keep_weights=False,
+    )  # fmt: skip
+
+
+def execute_lottery(run: Run, config: SparseTrainingConfig) -> None:
+    """Record the ticket of the lottery run's round nearest in density (run first if needed)."""
+    parent = run.store.ensure(lottery.EXPERIMENT, lottery_config(config), lottery.execute)
+    run.link(parent)
+    rounds = sorted(parent.completed("round").items())
+    step, best = min(rounds, key=lambda item: abs(item[1]["density"] - config.density))
+    cost = sum(r["density"] for k, r in rounds if k <= step)  # every training up to it
+    run.record(
+        "result",
+        0,
+        {
+            "test_acc": best["test_acc"],
+            "val_acc": best["val_acc"],
+            "early_stop_test_acc": best["early_stop_test_acc"],
+            "density_kept": best["density"],
+            "layer_density": best["layer_density"],
+            "lottery_round": step,
+            "iterations": None,
+            "train_flops_relative": cost,
+            "seconds": best["seconds"],
+        },
+    )
+
+
 def execute(run: Run) -> None:
     """Train one configuration (resuming from its saved state after a kill) and record it."""
     config: SparseTrainingConfig = run.config
+    if config.method == "lottery":
+        execute_lottery(run, config)
+        return
     data = load_data(config.data, config.seed, config.data_limit)
     model = models.create_for(config.model, data, seed=config.seed)
     steps_per_epoch = max(1, -(-len(data.y_train) // config.train.batch_size))
@@ -340,7 +394,7 @@ EXPERIMENT_SPEC = register(
                 "method",
                 "methods",
                 str,
-                ("static", "snip", "synflow", "set", "rigl", "gradual"),
+                DEFAULT_METHODS,
                 "methods to compare",
             ),
             Axis(
