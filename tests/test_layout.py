@@ -31,6 +31,7 @@ STAGES = {
     "winnow.analysis": 6,
     "winnow.layerwise": 6,
     "winnow.formats": 7,
+    "winnow.inference": 7,
     "winnow.experiments": 8,
     "winnow.cli": 9,
     "winnow": 10,  # the facade: nothing inside the package imports it

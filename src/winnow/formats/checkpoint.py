@@ -389,6 +389,15 @@ def load_sparse(
     return {e.name: _decode_entry(path, e, arrays).to(map_location) for e in entries}
 
 
+def sparse_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``metadata`` a sparse checkpoint was saved with (its header only is read and
+    checked; ``SparseFileError`` if it is damaged)."""
+    container = read_container(
+        path, FILE_FORMAT, error=SparseFileError, what="winnow sparse checkpoint", read_arrays=False
+    )
+    return dict(container.metadata)
+
+
 def is_sparse_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` carries the sparse-checkpoint marker (found in the raw header, before
     any parsing: a damaged checkpoint is still one, and :func:`load_sparse` says what is
