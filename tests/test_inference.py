@@ -153,3 +153,25 @@ def test_pointwise_convolution_and_gpt2_conv1d():
     assert any(c.kernel == "csr-serial" for c in choices(fast).values())
     with torch.no_grad():
         close(fast(ids).logits, result.model(ids).logits)
+
+
+def test_command_line_accelerates_a_zoo_model_and_an_hf_directory(tmp_path, capsys):
+    from winnow.cli import main
+
+    data = winnow.data.load("digits", limit=50)
+    model = winnow.models.create_for("lenet300", data, seed=0)
+    masks = winnow.prune_at_init(model, "magnitude", 0.05)
+    weights = tmp_path / "pruned.sparse"
+    winnow.save_sparse(masks.apply(model), weights)
+    out = tmp_path / "fast.sparse"
+    args = ["accelerate", str(weights), "--arch", "lenet300", "--data", "digits", "--batch", "2",
+            "--budget", "0.02", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "chosen us" in printed and "all layers" in printed
+    again = load_accelerated(winnow.models.create_for("lenet300", data), out)
+    x = data.x_test[:2]
+    with torch.no_grad():
+        close(again(x), masks.apply(model)(x))
+    assert main(["accelerate", str(tmp_path), "--out", str(out)]) != 0  # not an HF directory
+    assert "not a Hugging Face model directory" in capsys.readouterr().err

@@ -20,6 +20,8 @@ The public API is small; each piece lives in a module of its own, loaded on firs
   checksummed file (Hoefler et al. 2021, §2.2), and back, bitwise exactly.
 - :func:`oneshot` (``winnow.layerwise``): SparseGPT, Wanda and per-row magnitude, layer by
   layer with calibration data, to a density or an N:M pattern.
+- :func:`accelerate` (``winnow.inference``): each pruned layer executed by the fastest of
+  dense, torch's CSR/BSR and winnow's compiled sparse kernels, timed on this machine.
 - :func:`prune_from_scratch`, :func:`shrink` (``winnow.structured``): channel structures at a
   FLOPs budget (Pruning from Scratch and its baselines), and the smaller dense network.
 
@@ -53,14 +55,16 @@ _EXPORTS = {
     "save_sparse": "winnow.formats",
     "load_sparse": "winnow.formats",
     "oneshot": "winnow.layerwise",
+    "accelerate": "winnow.inference",
     "prune_from_scratch": "winnow.structured",
     "shrink": "winnow.structured",
 }
 """Public names, and the module each comes from (imported on first access)."""
 
 _MODULES = (
-    "analysis", "core", "criteria", "data", "experiments", "formats", "io", "layerwise", "models",
-    "neurons", "regularizers", "schedules", "structured", "training", "variational",
+    "analysis", "core", "criteria", "data", "experiments", "formats", "inference", "io",
+    "layerwise", "models", "neurons", "regularizers", "schedules", "structured", "training",
+    "variational",
 )  # fmt: skip
 """Subpackages reachable as attributes (``winnow.data.load``) without importing them first."""
 
@@ -72,6 +76,7 @@ if TYPE_CHECKING:  # what static tools see; at run time each comes on first acce
     from winnow.core.selection import select
     from winnow.criteria import score
     from winnow.formats import load_sparse, save_sparse
+    from winnow.inference import accelerate
     from winnow.layerwise import oneshot
     from winnow.schedules import DynamicSparsity, Pruner, prune_after_training, prune_at_init
     from winnow.structured import prune_from_scratch, shrink
@@ -94,6 +99,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DynamicSparsity",
+    "accelerate",
     "Masks",
     "MaskEnforcer",
     "Pruner",

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Sequence
 
 from winnow._version import __version__
-from winnow.cli import commands, formats, oneshot
+from winnow.cli import accelerate, commands, formats, oneshot
 from winnow.cli.command import Command
 from winnow.cli.experiments import add_experiments, run_experiment
 from winnow.devices import resolve_device
@@ -60,6 +60,7 @@ COMMANDS = (
         commands.run_datasets,
     ),  # fmt: skip
     *oneshot.COMMANDS,
+    *accelerate.COMMANDS,
     *formats.COMMANDS,
 )
 
