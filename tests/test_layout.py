@@ -21,6 +21,7 @@ STAGES = {
     "winnow.inputs": 2,
     "winnow.training": 3,
     "winnow.resumable": 3,
+    "winnow.distributed": 3,
     "winnow.criteria": 4,
     "winnow.schedules": 5,
     "winnow.structured": 6,

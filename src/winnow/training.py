@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from winnow import distributed
 from winnow import inputs as batches
 from winnow.core.enforcement import enforce
 from winnow.core.masks import Masks
@@ -356,6 +357,14 @@ def train(
       ``"continue"``.
     - Deterministic: the data order, augmentation and any randomness inside the model
       (dropout) follow ``config.seed``; the caller's global RNG is left untouched.
+    - Data-parallel: launched in several processes (``torchrun --nproc-per-node N`` or
+      ``winnow train --nproc N``; :mod:`winnow.distributed`), every process calls ``train``
+      with the same arguments; the model is wrapped in ``DistributedDataParallel`` on the
+      rank's device (``"cuda"`` means ``cuda:LOCAL_RANK``), ``config.batch_size`` is the
+      global batch of a step (divisible by the number of processes; each rank computes its
+      slice), an iterable needs a ``DistributedSampler``, the masks must be the same on every
+      rank, rank 0 evaluates and alone writes ``checkpoint``, and every rank returns the same
+      history and weights.
 
     Raises:
         DataError: the training data is empty or cannot be read.
@@ -449,10 +458,26 @@ class _Loop:
         optimizer, callbacks, eval_splits, device, checkpoint=None,
     ) -> None:  # fmt: skip
         self.stream = _Stream(data, config)
-        self.model, self.config, self.device = model.to(device), config, device
+        self.group = group = distributed.join(device)
+        self.shard = group is not None and self.stream.loader is not None
+        self.wrapper = None
+        if group is None:
+            self.model, self.config, self.device = model.to(device), config, device
+        else:  # data-parallel: the plain model, stepped through its DDP wrapper
+            if self.shard and config.batch_size % group.world:
+                raise ValueError(
+                    f"batch_size {config.batch_size} is the global batch of a step, shared by "
+                    f"the {group.world} processes: it must be divisible by {group.world}"
+                )
+            device = group.device
+            model, self.wrapper = distributed.wrap(model, group)
+            self.model, self.config, self.device = model, config, device
+        stepped = model if self.wrapper is None else self.wrapper
         self.forward = (
-            model if config.compile is None else torch.compile(model, backend=config.compile)
+            stepped if config.compile is None else torch.compile(stepped, backend=config.compile)
         )
+        # rank 0 evaluates alone, on the plain model (no collective in its forward pass)
+        self.evaluated = self.forward if group is None else model
         self.total = config.total_iterations(self.stream.steps_per_epoch())
         if not 0 <= start_iteration <= self.total:
             raise ValueError(f"start_iteration {start_iteration} is outside [0, {self.total}]")
@@ -469,6 +494,11 @@ class _Loop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(config, start + step, total)
         )
+        if group is not None:
+            distributed.check_start(
+                group, masks, iteration=start_iteration, config=config,
+                examples=len(self.stream.loader.x) if self.shard else None,
+            )  # fmt: skip
         self.enforcer = enforce(model, masks, self.optimizer) if masks is not None else None
         if pruner is not None and getattr(pruner, "end", 0) > total:
             raise ValueError(
@@ -490,17 +520,29 @@ class _Loop:
         self.result.history = list(state["history"])
         self.result.checkpoints = {int(k): dict(v) for k, v in state["saved"].items()}
         self.rng = state["rng"]
+        if self.group is not None:  # this rank's generator (rank 0's when not saved)
+            ranks = state.get("rng_ranks") or []
+            own = ranks[self.group.rank] if self.group.rank < len(ranks) else None
+            self.rng = own if own is not None or self.group.main else None
         masks = None if state["masks"] is None else Masks(dict(state["masks"]))
         return masks, int(state["iteration"])
 
     def save_state(self, iteration: int) -> None:
         if self.state_path is None:
             return
+        generators = None
+        if self.group is not None:  # every rank's generator; rank 0 alone writes
+            generators = distributed.gather(torch.get_rng_state())
+            if not self.group.main:
+                return
         masks = self.enforcer.masks if self.enforcer is not None else None
-        save_state(self.state_path, capture(
+        state = capture(
             iteration, self.model, self.optimizer, masks, self.pruner, self.result.history,
             self.result.checkpoints,
-        ))  # fmt: skip
+        )  # fmt: skip
+        if generators is not None:
+            state["rng_ranks"] = generators
+        save_state(self.state_path, state)
 
     def prune(self, iteration: int) -> None:
         """Ask the pruner for new masks at ``iteration`` and enforce them."""
@@ -511,6 +553,12 @@ class _Loop:
             new = self.prune_step(iteration, self.model, gradients=gradients)
         else:
             new = self.prune_step(iteration, self.model)
+        if self.group is not None:  # every rank enforces the same masks (rank 0's)
+            new, differ = distributed.settle(self.group, new)
+            if differ:
+                distributed.warn_settled(differ, iteration)
+                if new is not None and hasattr(self.pruner, "masks"):
+                    self.pruner.masks = new
         if new is None:
             return
         if self.enforcer is None:
@@ -522,11 +570,16 @@ class _Loop:
         """Evaluate every split, append the row to the history, run the callbacks; stop on a
         NaN or infinite loss unless the config says to continue."""
         row = {"iteration": iteration, "train_loss": train_loss}
-        for split, data in self.splits.items():
-            with self.autocast:
-                loss, acc, n = _evaluate(self.forward, data, self.config.eval_batch_size, None)
-            row[f"{split}_loss"] = loss if n else None
-            row[f"{split}_acc"] = acc if n else None
+        if self.group is None or self.group.main:
+            for split, data in self.splits.items():
+                with self.autocast:
+                    loss, acc, n = _evaluate(
+                        self.evaluated, data, self.config.eval_batch_size, None
+                    )
+                row[f"{split}_loss"] = loss if n else None
+                row[f"{split}_acc"] = acc if n else None
+        if self.group is not None:
+            row = distributed.broadcast(row)
         self.result.history.append(row)
         for callback in self.callbacks:
             callback.after_eval(row, self.model)
@@ -556,7 +609,10 @@ class _Loop:
         self.optimizer.zero_grad(set_to_none=True)
         data_loss = torch.zeros((), device=self.device)
         share = 1.0 / len(group)
-        for batch in group:
+        for i, batch in enumerate(group):
+            if self.group is not None:
+                self.data_parallel_backward(batch, data_loss, share, last=i == len(group) - 1)
+                continue
             batch = batches.move(batch, self.device)
             with self.autocast:
                 loss = self.loss_fn(self.forward, batch)
@@ -581,13 +637,47 @@ class _Loop:
         self.scheduler.step()
         return data_loss * share if share != 1.0 else data_loss
 
+    def data_parallel_backward(self, batch, data_loss: Tensor, share: float, last: bool) -> None:
+        """One batch's forward and backward pass on this rank (its slice of a global batch,
+        weighted by its share); DDP all-reduces the gradients at the group's last batch."""
+        weight = 1.0
+        if self.shard:
+            batch, weight = distributed.shard(batch, self.group)
+        batch = batches.move(batch, self.device)
+        sync = contextlib.nullcontext() if last else self.wrapper.no_sync()
+        with sync:
+            with self.autocast:
+                loss = self.loss_fn(self.forward, batch)
+                # summed over the ranks (at the evaluation), the mean loss of the global batch
+                data_loss += loss.detach().float() * (weight / self.group.world)
+                if weight != 1.0:
+                    loss = loss * weight
+                if self.regularizer is not None:
+                    loss = loss + self.regularizer(self.model)
+            if share != 1.0:
+                loss = loss * share
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def mean_loss(self, running: Tensor, count: int) -> float | None:
+        """The mean training loss of the steps since the last evaluation (over every rank's
+        share of the global batches in a data-parallel run)."""
+        if not count:
+            return None
+        if self.group is not None:
+            running = distributed.all_sum(running)
+        return float(running) / count
+
     def run(self, progress: bool, description: str) -> TrainResult:
         started = time.perf_counter()
         device, total = self.device, self.total
-        bar = _progress_bar(total - self.start, description, progress)
+        main = self.group is None or self.group.main
+        bar = _progress_bar(total - self.start, description, progress and main)
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(self.config.seed + self.start)
+                seed = self.config.seed + self.start
+                if self.group is not None:
+                    seed = distributed.seed_for(seed, self.group.rank)
+                torch.manual_seed(seed)
                 if self.rng is not None:  # resumed: the generator as it was at the save
                     torch.set_rng_state(self.rng)
                 self.model.train()
@@ -606,7 +696,7 @@ class _Loop:
                     for callback in self.callbacks:
                         callback.after_step(done, self.model)
                     if done % self.eval_every == 0 or done == total:
-                        row = self.record(done, float(running) / count)
+                        row = self.record(done, self.mean_loss(running, count))
                         running, count = torch.zeros((), device=device), 0
                         self.save_state(done)
                         self.model.train()
@@ -614,7 +704,7 @@ class _Loop:
                     bar.update(1)
                 history = self.result.history
                 if not history or history[-1]["iteration"] != total:
-                    self.record(total, float(running) / count if count else None)
+                    self.record(total, self.mean_loss(running, count))
         finally:
             bar.close()
             if self.enforcer is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from winnow import data as datasets
-from winnow import models
+from winnow import distributed, models
 from winnow.cli.options import add_config_options, config_from_args, fraction_argument
 from winnow.core.masks import Masks
 from winnow.io import atomic_write_bytes
@@ -94,6 +94,13 @@ def add_train(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="data-parallel training in N processes on this machine (torch.distributed: gloo "
+        "on cpu, nccl on cuda, one GPU each): every process computes its share of each "
+        "--batch-size batch, which stays the global batch and must be divisible by N "
+        "(default: 1)",
+    )  # fmt: skip
     add_config_options(parser, TrainConfig, TRAIN_DEFAULTS)
 
 
@@ -114,27 +121,47 @@ def _results_table(result: TrainResult) -> str:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
     config = config_from_args(TrainConfig, args, TRAIN_DEFAULTS)
+    if nproc > 1:
+        if distributed.launched():
+            raise ValueError("--nproc asked inside a process that torchrun started already")
+        if config.batch_size % nproc:
+            raise ValueError(
+                f"--batch-size {config.batch_size} is the global batch: it must be divisible "
+                f"by --nproc {nproc}"
+            )
+        print(f"data-parallel training in {nproc} processes (rank 0 reports)")
+        distributed.launch(run_train, nproc, (argparse.Namespace(**{**vars(args), "nproc": 1}),))
+        return
+    main = distributed.is_main()  # torchrun or --nproc: rank 0 prints and writes
+    say = print if main else _silent
     data = datasets.load(args.data, root=args.root, seed=config.seed, limit=args.limit)
     masks = Masks.load(args.masks) if args.masks else None
     if masks is not None:
-        print(f"training sparse: {masks}")
+        say(f"training sparse: {masks}")
     model = models.create_for(args.model, data, seed=config.seed)
-    print(f"{data.summary()}")
+    say(f"{data.summary()}")
     params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model}: {params:,} parameters; {config.optimizer} lr {config.lr}")
+    say(f"model {args.model}: {params:,} parameters; {config.optimizer} lr {config.lr}")
     result = train(
         model, data, config, masks=masks, device=args.device,
         progress=not args.no_progress, description=args.model,
     )  # fmt: skip
-    print(_results_table(result))
-    print(f"{result.iterations} iterations in {result.seconds:.1f} s")
-    if args.out:
+    say(_results_table(result))
+    say(f"{result.iterations} iterations in {result.seconds:.1f} s")
+    if args.out and main:
         from safetensors.torch import save
 
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write_bytes(args.out, save(state, metadata={"model": args.model}))
         print(f"weights written to {args.out}")
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
 
 
 # -- prune-at-init -------------------------------------------------------------------------------
