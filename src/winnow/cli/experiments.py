@@ -51,8 +51,58 @@ def _results(parser: argparse.ArgumentParser) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    from winnow.experiments.parallel import TRANSPORTS
+    from winnow.experiments.store import LEASE_SECONDS
+
     _results(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    group = parser.add_argument_group(
+        "parallel sweeps", "run several runs at once (winnow.experiments.parallel)"
+    )
+    group.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="runs at once (default: 1, one after another in this process)",
+    )  # fmt: skip
+    group.add_argument(
+        "--engine", choices=("processes", "ray"), default=None,
+        help="where runs execute: local processes, or Ray tasks (pip install 'winnow[ray]'); "
+        "default: ray with --ray-address, else processes",
+    )  # fmt: skip
+    group.add_argument(
+        "--ray-address", default=None, metavar="auto|HOST:PORT",
+        help="send the runs to this existing Ray cluster (default: a local Ray started for "
+        "the sweep with --engine ray)",
+    )  # fmt: skip
+    group.add_argument(
+        "--threads-per-run", type=int, default=None, metavar="N",
+        help="torch threads in each run, and CPUs a Ray task declares (default: 1 on workers; "
+        "a serial sweep keeps torch's)",
+    )  # fmt: skip
+    group.add_argument(
+        "--gpus-per-run", type=float, default=0.0, metavar="G",
+        help="GPUs each run gets, so a GPU machine runs one run per GPU (default: 0)",
+    )  # fmt: skip
+    group.add_argument(
+        "--transport", choices=TRANSPORTS, default="auto",
+        help="how results reach the store: direct (workers on this machine write into it), "
+        "driver (workers send them back, the driver writes them), auto (direct where the "
+        "worker sees the store; default)",
+    )  # fmt: skip
+    group.add_argument(
+        "--lease-seconds", type=float, default=LEASE_SECONDS, metavar="S",
+        help="how long a run's claim lasts unless renewed: how soon the run of a dead worker "
+        f"or driver is redone (default: {LEASE_SECONDS:g})",
+    )  # fmt: skip
+
+
+def _parallel(args: argparse.Namespace):
+    from winnow.experiments.parallel import Parallel
+
+    return Parallel(
+        workers=args.workers, engine=args.engine, ray_address=args.ray_address,
+        threads_per_run=args.threads_per_run, gpus_per_run=args.gpus_per_run,
+        transport=args.transport, lease_seconds=args.lease_seconds,
+    )  # fmt: skip
 
 
 def run_experiment(args: argparse.Namespace) -> None:
@@ -74,8 +124,12 @@ def run_experiment(args: argparse.Namespace) -> None:
         if f.init and f.name not in swept
     }
     configs = experiment.sweep(**axes, **fields)
-    print(f"{len(configs)} runs into {args.results} (finished runs are skipped)")
-    _, summary = experiment.run(args.results, configs, progress=not args.no_progress)
+    parallel = _parallel(args)
+    where = "" if parallel.kind == "serial" else f" on {parallel.workers} workers ({parallel.kind})"
+    print(f"{len(configs)} runs into {args.results}{where} (finished runs are skipped)")
+    _, summary = experiment.run(
+        args.results, configs, progress=not args.no_progress, parallel=parallel
+    )
     paths = experiment.report(args.results)
     print_report(paths)
     if "structures" in paths:

@@ -5,8 +5,15 @@ The index is a cache: the files of each run (``config.json``, ``status.json`` an
 :func:`rebuild` makes a new index from them. The database is in WAL mode and every write is one
 autocommitted statement (or one short transaction), so several processes can write at once.
 
+A third table holds the *leases*: which process (an owner id) executes a run, until when. A
+run is claimed in one transaction (:func:`claim`: take the lease if there is none or it has
+expired, unless the run is done), its holder renews it while the run executes (:func:`renew`),
+and a holder that dies loses it when it expires. Leases are not rebuilt by :func:`rebuild`
+(nothing may use a store while it is repaired).
+
 Every row carries a SHA-256 of its content (a record's: experiment, run, kind, step, data and
-file digests; a run's: experiment, run, configuration, status, error and parent), checked on
+file digests; a run's: experiment, run, configuration, status, error and parent; a lease's:
+experiment, run, owner and expiry), checked on
 every read: a flipped bit in a stored accuracy is reported, not reported on. Anything SQLite
 says is damaged (a truncated file, a garbled page) becomes one :class:`StoreError` naming the
 database and the commands that check and repair it. Rows written by winnow 0.1 have no checksum
@@ -55,6 +62,14 @@ CREATE TABLE IF NOT EXISTS records (
     checksum TEXT,
     PRIMARY KEY (experiment, run_id, kind, step)
 );
+CREATE TABLE IF NOT EXISTS leases (
+    experiment TEXT NOT NULL,
+    run_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL,
+    checksum TEXT,
+    PRIMARY KEY (experiment, run_id)
+);
 """
 _ADDED_COLUMNS = {"runs": ("parent", "checksum"), "records": ("files", "checksum")}
 """Columns winnow 0.1's index lacks, added when it is opened."""
@@ -77,6 +92,12 @@ def run_checksum(experiment, run_id, config, status, error, parent, started, fin
 def record_checksum(experiment, run_id, kind, step, data, files) -> str:
     """SHA-256 of what a record's row says."""
     text = json.dumps([experiment, run_id, kind, int(step), data, files])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def lease_checksum(experiment, run_id, owner, expires) -> str:
+    """SHA-256 of what a lease's row says."""
+    text = json.dumps([experiment, run_id, owner, float(expires)])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -168,6 +189,21 @@ class Index:
             )
         return row
 
+    def verified_lease(self, row: tuple) -> tuple:
+        """A leases row ``(experiment, run_id, owner, expires, checksum)`` after its checksum
+        is checked."""
+        experiment, run_id, owner, expires, checksum = row
+        try:
+            expected = lease_checksum(experiment, run_id, owner, expires)
+        except (TypeError, ValueError):
+            expected = None
+        if checksum != expected:
+            raise StoreError(
+                f"{self.database}: the lease of run {experiment}/{run_id} fails its checksum "
+                f"(damaged); `winnow experiment repair --results {self.root}` rebuilds the index"
+            )
+        return row
+
 
 def _connect(database: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(
@@ -212,6 +248,102 @@ def write_record(db, experiment, run_id, kind, step, data, files) -> None:
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (experiment, run_id, kind, int(step), data, files, checksum),
     )
+
+
+# -- leases: which process executes a run, until when --------------------------------------------
+LEASE_COLUMNS = "experiment, run_id, owner, expires, checksum"
+
+
+def claim(
+    index: Index, experiment: str, run_id: str, owner: str, expires: float, redo: bool = False
+) -> tuple[str, str | None, float | None]:
+    """Claim run ``experiment/run_id`` for ``owner`` until ``expires`` (Unix time), in one
+    transaction: ``("done", None, None)`` if the run is done (unless ``redo``: a finished run
+    whose files are to be recomputed), ``("held", holder, until)`` while another owner's lease
+    has not expired, else the lease is written (inserted, taken over from an expired holder,
+    or renewed for the same owner) and ``("claimed", owner, expires)`` returned."""
+
+    def attempt() -> tuple[str, str | None, float | None]:
+        with index.connection() as db:
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: claims are serialised
+            try:
+                if not redo:
+                    row = db.execute(
+                        f"SELECT {RUN_COLUMNS} FROM runs WHERE experiment = ? AND run_id = ?",
+                        (experiment, run_id),
+                    ).fetchone()
+                    if row is not None and index.verified_run(row)[3] == "done":
+                        db.execute("COMMIT")
+                        return ("done", None, None)
+                row = db.execute(
+                    f"SELECT {LEASE_COLUMNS} FROM leases WHERE experiment = ? AND run_id = ?",
+                    (experiment, run_id),
+                ).fetchone()
+                if row is not None:
+                    _, _, holder, until, _ = index.verified_lease(row)
+                    if holder != owner and until > time.time():
+                        db.execute("COMMIT")
+                        return ("held", holder, until)
+                _write_lease(db, experiment, run_id, owner, expires)
+                db.execute("COMMIT")
+                return ("claimed", owner, expires)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    return while_locked(attempt)
+
+
+def renew(index: Index, experiment: str, run_id: str, owner: str, expires: float) -> bool:
+    """Move ``owner``'s lease on the run to ``expires``; False if it no longer holds it (it
+    expired and another owner took it over)."""
+
+    def attempt() -> bool:
+        with index.connection() as db:
+            cursor = db.execute(
+                "UPDATE leases SET expires = ?, checksum = ? "
+                "WHERE experiment = ? AND run_id = ? AND owner = ?",
+                (float(expires), lease_checksum(experiment, run_id, owner, expires),
+                 experiment, run_id, owner),
+            )  # fmt: skip
+            return cursor.rowcount == 1
+
+    return while_locked(attempt)
+
+
+def release(index: Index, experiment: str, run_id: str, owner: str) -> None:
+    """Drop ``owner``'s lease on the run (nothing if it no longer holds it)."""
+
+    def attempt() -> None:
+        with index.connection() as db:
+            db.execute(
+                "DELETE FROM leases WHERE experiment = ? AND run_id = ? AND owner = ?",
+                (experiment, run_id, owner),
+            )
+
+    while_locked(attempt)
+
+
+def lease_of(index: Index, experiment: str, run_id: str) -> tuple[str, float] | None:
+    """``(owner, expires)`` of the run's lease, or None if it has none (expired or not)."""
+    with index.connection() as db:
+        row = db.execute(
+            f"SELECT {LEASE_COLUMNS} FROM leases WHERE experiment = ? AND run_id = ?",
+            (experiment, run_id),
+        ).fetchone()
+    if row is None:
+        return None
+    _, _, owner, expires, _ = index.verified_lease(row)
+    return owner, expires
+
+
+def _write_lease(db, experiment, run_id, owner, expires) -> None:
+    db.execute(
+        "INSERT OR REPLACE INTO leases (experiment, run_id, owner, expires, checksum) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (experiment, run_id, owner, float(expires),
+         lease_checksum(experiment, run_id, owner, expires)),
+    )  # fmt: skip
 
 
 # -- the files the index is rebuilt from ---------------------------------------------------------
@@ -307,6 +439,14 @@ def check(database: Path, root: Path) -> list[str]:
             ):
                 try:
                     index.verified_record(row)
+                except StoreError as err:
+                    problems.append(str(err))
+            has_leases = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'leases'"
+            ).fetchone()
+            for row in db.execute(f"SELECT {LEASE_COLUMNS} FROM leases") if has_leases else ():
+                try:
+                    index.verified_lease(row)
                 except StoreError as err:
                     problems.append(str(err))
         finally:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from winnow.experiments.parallel import Parallel, run_parallel
 from winnow.experiments.runner import SweepSummary, run_sweep
 from winnow.experiments.store import Run, RunStore
 
@@ -55,12 +56,32 @@ class Experiment:
     report: Callable[..., dict[str, Path]]
 
     def run(
-        self, results: str | os.PathLike, configs: Sequence[Any], progress: bool = True
+        self,
+        results: str | os.PathLike,
+        configs: Sequence[Any],
+        progress: bool = True,
+        parallel: Parallel | None = None,
     ) -> tuple[RunStore, SweepSummary]:
         """Execute ``configs`` into the run store at ``results`` (finished runs are skipped;
-        a run stopped halfway resumes)."""
-        store = RunStore(results)
-        summary = run_sweep(store, self.name, list(configs), self.execute, progress=progress)
+        a run stopped halfway resumes): in this process, or on the workers ``parallel``
+        describes (:mod:`winnow.experiments.parallel`; ``parallel.workers == 1`` with no engine
+        is this process)."""
+        parallel = parallel or Parallel()
+        store = RunStore(results, lease_seconds=parallel.lease_seconds)
+        if parallel.kind != "serial":
+            summary = run_parallel(
+                store, self.name, list(configs), self.execute, parallel, progress=progress
+            )
+            return store, summary
+        import torch
+
+        threads = torch.get_num_threads()
+        if parallel.threads_per_run is not None:
+            torch.set_num_threads(parallel.threads_per_run)
+        try:
+            summary = run_sweep(store, self.name, list(configs), self.execute, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
         return store, summary
 
 

@@ -9,6 +9,14 @@ record, and whatever the run writes. ``<root>/winnow.sqlite`` indexes them
 checksummed) so a sweep can be queried and its report rebuilt; ``winnow experiment repair``
 rebuilds the index from the files.
 
+A run is executed under a *lease* (:meth:`RunStore.claim`): one row of the index naming the
+process that executes it and until when, taken in one transaction only if the run is not done
+and no other live holder has it, renewed by a heartbeat thread while the run executes
+(:class:`Lease`), so two processes never execute one run at once, and a process that dies loses
+its runs when their leases expire. A run's directory and rows can travel as bytes
+(:meth:`RunStore.pack`) and be written into another store (:meth:`RunStore.ingest`): how a
+worker that shares no file system with the store hands its run back.
+
 Every file is written to a temporary name and renamed (:func:`winnow.io.atomic_write_bytes`),
 so a crash never leaves half a file behind. A record can name the files its step wrote: their
 digests are stored with it, and :meth:`Run.completed` counts a step as done only while those
@@ -20,10 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -38,12 +50,17 @@ STATUSES = ("running", "done", "failed", "interrupted")
 """The statuses a run can have in the store."""
 
 DATABASE_NAME = "winnow.sqlite"
+LEASE_SECONDS = 60.0
+"""How long a lease lasts unless renewed; its holder renews it every third of that."""
 RESERVED_KEYS = frozenset({"run_id", "kind", "step"})
 """Keys that :meth:`RunStore.records` adds to every row; a record's data may not use them."""
 
 __all__ = [
     "DATABASE_NAME",
+    "LEASE_SECONDS",
     "STATUSES",
+    "Claim",
+    "Lease",
     "Run",
     "RunStore",
     "StoreError",
@@ -92,23 +109,27 @@ class RunStore:
     their records (one JSON row per ``(run, kind, step)``); run files live in
     ``root/<experiment>/<run_id>/``. A damaged index raises :class:`StoreError` naming the
     file (``winnow experiment check`` / ``repair``). A store can be pickled to another
-    process; it reconnects there.
+    process; it reconnects there. ``lease_seconds``: how long the leases this store takes
+    last unless renewed (:meth:`claim`).
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, lease_seconds: float = LEASE_SECONDS):
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be positive, not {lease_seconds!r}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.database = self.root / DATABASE_NAME
+        self.lease_seconds = float(lease_seconds)
         self.index = idx.Index(self.database, self.root)
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.root)!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root}
+        return {"root": self.root, "lease_seconds": self.lease_seconds}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"])
+        self.__init__(state["root"], state.get("lease_seconds", LEASE_SECONDS))
 
     def close(self) -> None:
         """Close this process's database connection (the next operation reopens it)."""
@@ -183,22 +204,168 @@ class RunStore:
         artefact (pretrained weights, learned gates) as a run of its own, with a status,
         records and files, resumed like any run. ``intact(run)`` says whether a finished run's
         files are still sound (:meth:`Run.intact`); one that is not is run again. A failure
-        marks it failed and re-raises."""
+        marks it failed and re-raises.
+
+        The run is executed under its lease (:meth:`claim`): while another process executes
+        it, this one waits for it to end (or for its lease to expire) and uses its result."""
+        run_id = config_id(config)
+        while True:
+            found = self._finished(experiment, config, intact)
+            if found is not None:
+                return found
+            claim = self.claim(experiment, run_id, redo=True)
+            if claim.lease is None:  # another process executes it: wait for it
+                time.sleep(claim.wait_seconds(self.lease_seconds))
+                continue
+            with claim.lease:
+                found = self._finished(experiment, config, intact)  # done while we waited
+                if found is not None:
+                    return found
+                run = self.begin(experiment, config, parent)
+                try:
+                    execute(run)
+                except BaseException as err:
+                    if isinstance(err, Exception):
+                        run.fail(f"{type(err).__name__}: {err}")
+                    else:
+                        run.interrupted()
+                    raise
+                run.finish()
+                return run
+
+    def _finished(
+        self, experiment: str, config: Any, intact: Callable[[Run], bool] | None
+    ) -> Run | None:
         found = self.open(experiment, config)
         if found is not None and self.status(experiment, found.run_id) == "done":
             if intact is None or intact(found):
                 return found
-        run = self.begin(experiment, config, parent)
-        try:
-            execute(run)
-        except BaseException as err:
-            if isinstance(err, Exception):
-                run.fail(f"{type(err).__name__}: {err}")
-            else:
-                run.interrupted()
-            raise
-        run.finish()
-        return run
+        return None
+
+    # -- leases --------------------------------------------------------------------------------
+    def claim(
+        self,
+        experiment: str,
+        run_id: str,
+        owner: str | None = None,
+        redo: bool = False,
+        seconds: float | None = None,
+    ) -> Claim:
+        """Claim the run ``experiment/run_id`` for one process, in one transaction.
+
+        Returns a :class:`Claim` whose ``state`` is ``"claimed"`` (its ``lease`` is now held
+        by ``owner``, a new id if None, for ``seconds``, the store's ``lease_seconds`` if
+        None), ``"done"`` (the run is finished; never claimed unless ``redo``) or ``"held"``
+        (another owner's lease has not expired: ``holder`` and ``expires`` say whose and
+        until when). An expired lease is taken over: its holder died or stopped renewing it.
+        Use the lease as a context manager (renewed by a heartbeat thread inside, released at
+        the end)."""
+        _check_name(experiment, "experiment")
+        _check_name(run_id, "run id")
+        seconds = self.lease_seconds if seconds is None else float(seconds)
+        owner = owner or new_owner()
+        state, holder, expires = idx.claim(
+            self.index, experiment, run_id, owner, time.time() + seconds, redo=redo
+        )
+        lease = Lease(self, experiment, run_id, owner, seconds) if state == "claimed" else None
+        return Claim(state, lease, holder, expires)
+
+    def lease(self, experiment: str, run_id: str) -> tuple[str, float] | None:
+        """``(owner, expires)`` of the run's lease, or None (an expired lease may remain)."""
+        return idx.lease_of(self.index, experiment, run_id)
+
+    # -- runs as bytes ---------------------------------------------------------------------------
+    def pack(self, experiment: str, run_id: str) -> dict[str, Any]:
+        """The run ``experiment/run_id`` as plain data: its row, its records' rows and every
+        file of its directory as bytes (temporary files aside), for :meth:`ingest` into
+        another store. The rows are verified against their checksums."""
+        row = self._run_row(experiment, run_id)
+        if row is None:
+            raise KeyError(f"no run {experiment}/{run_id} in {self.root}")
+        _, _, config, status, error, parent, started, finished, _ = row
+        with self.index.connection() as db:
+            rows = db.execute(
+                "SELECT experiment, run_id, kind, step, data, files, checksum FROM records "
+                "WHERE experiment = ? AND run_id = ? ORDER BY kind, step",
+                (experiment, run_id),
+            ).fetchall()
+        records = [list(self.index.verified_record(r)[2:6]) for r in rows]
+        directory = self.run_dir(experiment, run_id)
+        files = {}
+        for path in sorted(directory.rglob("*")):
+            relative = path.relative_to(directory)
+            if any(part.startswith(".") for part in relative.parts):
+                continue  # a temporary file of an atomic write
+            if path.is_file() and not path.is_symlink():
+                files[relative.as_posix()] = path.read_bytes()
+        return {
+            "experiment": experiment,
+            "run_id": run_id,
+            "run": {
+                "config": config, "status": status, "error": error, "parent": parent,
+                "started": started, "finished": finished,
+            },
+            "records": records,
+            "files": files,
+        }  # fmt: skip
+
+    def ingest(self, bundle: Mapping[str, Any]) -> None:
+        """Write a run :meth:`pack` made (in another store, another process, another machine)
+        into this store, replacing what this store has of that run.
+
+        Its files are written first (each atomically; record files the bundle lacks are
+        removed with their rows), then its records' rows, then ``status.json`` and the run's
+        row last: a crash halfway leaves the run as it was, or with the new files and its old
+        status (so it is redone). Each row is written with its checksum; a bundle whose paths
+        leave the run directory, or whose records disagree with their files, is refused."""
+        experiment, run_id = bundle["experiment"], bundle["run_id"]
+        directory = self.run_dir(experiment, run_id)
+        files: Mapping[str, bytes] = bundle["files"]
+        for name in files:
+            parts = PurePosixPath(name).parts
+            if (
+                not parts or PurePosixPath(name).is_absolute() or ".." in parts
+                or any(p.startswith(".") for p in parts) or "\\" in name
+            ):  # fmt: skip
+                raise ValueError(f"a packed run names a file outside its directory: {name!r}")
+        records = {}
+        for kind, step, data, digests in bundle["records"]:
+            _check_name(kind, "record kind")
+            name = f"records/{kind}/{int(step)}.json"
+            document = json.loads(files.get(name, b"null"))
+            expected = {"data": json.loads(data), "files": None if digests is None
+                        else json.loads(digests)}  # fmt: skip
+            if document != expected:
+                raise ValueError(f"packed run {experiment}/{run_id}: {name} disagrees with its row")
+            records[name] = (kind, int(step), data, digests)
+        for name, content in files.items():
+            parts = PurePosixPath(name).parts
+            if name != "status.json" and not (len(parts) == 3 and parts[0] == "records"):
+                atomic_write_bytes(directory / name, content)  # record files come with rows
+        run = Run(self, experiment, run_id, None, directory)
+        with self.index.connection() as db:
+            stale = db.execute(
+                "SELECT kind, step FROM records WHERE experiment = ? AND run_id = ?",
+                (experiment, run_id),
+            ).fetchall()
+        for kind, step in stale:
+            if f"records/{kind}/{step}.json" not in records:
+                run.forget(kind, [step])
+        for path in (directory / "records").glob("*/*.json"):
+            if path.relative_to(directory).as_posix() not in records:
+                path.unlink(missing_ok=True)
+        for name, (kind, step, data, digests) in records.items():
+            atomic_write_bytes(directory / name, files[name])
+            with self.index.connection() as db:
+                idx.write_record(db, experiment, run_id, kind, step, data, digests)
+        state = bundle["run"]
+        if "status.json" in files:
+            atomic_write_bytes(directory / "status.json", files["status.json"])
+        with self.index.connection() as db:
+            idx.write_run(
+                db, experiment, run_id, state["config"], state["status"], state["started"],
+                state["finished"], state["error"], state["parent"],
+            )  # fmt: skip
 
     def status(self, experiment: str, run_id: str) -> str | None:
         """The status of a run ('running', 'done', 'failed', 'interrupted'), or None."""
@@ -357,6 +524,90 @@ def repair_store(root: str | os.PathLike) -> dict[str, int]:
     records the new index holds. Nothing else may use the store while it is repaired."""
     root = Path(root)
     return idx.rebuild(root, root / DATABASE_NAME)
+
+
+def new_owner() -> str:
+    """A new lease owner id: the host, the process and a random part."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
+class Lease:
+    """A held claim on one run (:meth:`RunStore.claim`): ``with lease:`` renews it every third
+    of its duration from a heartbeat thread and releases it at the end. A lease whose
+    renewal finds it taken over (it had expired: this process stalled longer than its
+    duration) is ``lost``."""
+
+    def __init__(self, store: RunStore, experiment: str, run_id: str, owner: str, seconds: float):
+        self.store, self.experiment, self.run_id = store, experiment, run_id
+        self.owner, self.seconds = owner, seconds
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"Lease({self.experiment!r}, {self.run_id!r}, owner={self.owner!r})"
+
+    def renew(self) -> bool:
+        """Extend the lease by its duration from now; False (and ``lost``) if it is no longer
+        this owner's."""
+        expires = time.time() + self.seconds
+        if not idx.renew(self.store.index, self.experiment, self.run_id, self.owner, expires):
+            self.lost = True
+        return not self.lost
+
+    def keep_alive(self) -> Lease:
+        """Start the heartbeat thread (it renews the lease until :meth:`stop`)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._beat, name=f"winnow-lease-{self.run_id}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                if not self.renew():
+                    return
+            except Exception:  # noqa: BLE001 (a locked or damaged store: try again next beat)
+                continue
+
+    def stop(self) -> None:
+        """Stop renewing the lease without releasing it: it expires in its time (what a
+        driver does when the worker executing the run died)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def release(self) -> None:
+        """Stop renewing the lease and drop it."""
+        self.stop()
+        idx.release(self.store.index, self.experiment, self.run_id, self.owner)
+
+    def __enter__(self) -> Lease:
+        return self.keep_alive()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What :meth:`RunStore.claim` found: ``state`` "claimed" (``lease`` is held), "done" or
+    "held" (by ``holder`` until ``expires``, a Unix time)."""
+
+    state: str
+    lease: Lease | None = None
+    holder: str | None = None
+    expires: float | None = None
+
+    def wait_seconds(self, lease_seconds: float) -> float:
+        """How long to wait before claiming again: until the holder's lease expires, at most
+        a tenth of a lease (the holder may finish first), at least 50 ms."""
+        left = (self.expires or 0.0) - time.time()
+        return min(max(left, 0.05), max(lease_seconds / 10, 0.05))
 
 
 class Run:
