@@ -163,7 +163,10 @@ def accelerate(
             if layer is not None:
                 if _conv1d_class(module):
                     transposed.add(name)
-                replace_submodule(fast, name, _wrap(module, layer))
+                if name:
+                    replace_submodule(fast, name, _wrap(module, layer))
+                else:  # the model is the layer itself
+                    fast = _wrap(module, layer)
     finally:
         torch.set_num_threads(previous)
     fast.winnow_choices = choices
