@@ -109,7 +109,12 @@ class _RankPruner:
 
 
 def _count_reductions(state, bucket):
+    """DDP communication hook: count the all-reduces and what they carry at pruned entries."""
     state["count"] += 1
+    for param, gradient in zip(bucket.parameters(), bucket.gradients(), strict=True):
+        keep = state["masks"].get(state["names"][id(param)])
+        if keep is not None:
+            state["pruned"] += float(gradient[~keep].abs().sum())
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     return default_hooks.allreduce_hook(None, bucket)
@@ -125,11 +130,15 @@ def _scenarios(out: Path) -> None:
         model, result = _train_dense_or_masked(config, masked)
         saved[name] = {"weights": model.state_dict(), "history": result.history}
     # masking adds no all-reduce: DDP (wrapped here, with a counting hook) reduces once a step
-    state = {"count": 0}
-    wrapped = nn.parallel.DistributedDataParallel(_model())
+    model = _model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {"count": 0, "pruned": 0.0, "masks": _masks(model), "names": names}
+    wrapped = nn.parallel.DistributedDataParallel(model)
     wrapped.register_comm_hook(state, _count_reductions)
     model, result = _train_dense_or_masked(ADAM, True, wrapped)
-    saved["prewrapped"] = {"weights": model.state_dict(), "reductions": state["count"]}
+    saved["prewrapped"] = {
+        "weights": model.state_dict(), "reductions": state["count"], "pruned": state["pruned"],
+    }  # fmt: skip
     # pruning during training: zeros stay exactly zero on both ranks, the ranks stay equal
     from winnow.schedules import DynamicSparsity, GradualPruner
 
@@ -223,6 +232,8 @@ def test_a_wrapped_model_is_used_and_masking_adds_no_all_reduce(job):
         # accumulate=2: the first batch of a step does not synchronise; one bucket, one
         # all-reduce per optimizer step, whatever the enforcement masks
         assert rank["prewrapped"]["reductions"] == ADAM.iterations
+        # masked before DDP copies it to its bucket: the all-reduce carries zeros there
+        assert rank["prewrapped"]["pruned"] == 0.0
         for key, value in model.state_dict().items():
             torch.testing.assert_close(rank["prewrapped"]["weights"][key], value, atol=1e-5, rtol=0)
     masks = _masks(_model())
@@ -342,6 +353,40 @@ def test_rank_0_alone_writes_the_state_and_a_killed_run_resumes_to_the_same_weig
         for key, value in expected["weights"].items():
             assert torch.equal(resumed["weights"][key], value)
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["run.state"]
+
+
+TORCHRUN_SCRIPT = """
+import os, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_distributed import SGD, _data, _model
+from winnow.training import train
+
+torch.set_num_threads(1)
+model = _model()
+result = train(model, _data(), SGD, eval_splits={{"all": _data()}})
+saved = {{"weights": model.state_dict(), "history": result.history, "backend": dist.get_backend()}}
+torch.save(saved, os.path.join({out!r}, "torchrun" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_torchrun_runs_train_unchanged(job, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(script),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in range(WORLD):
+        saved = torch.load(tmp_path / f"torchrun{rank}.pt")
+        assert saved["backend"] == "gloo"
+        assert saved["history"] == job[rank]["sgd"]["history"]
+        for key, value in job[rank]["sgd"]["weights"].items():
+            assert torch.equal(saved["weights"][key], value)
 
 
 def test_cli_train_nproc_2_on_digits(tmp_path):

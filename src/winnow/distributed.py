@@ -23,9 +23,10 @@ The choices, each the same for every run:
 - **Masks.** Every rank must start from the same masks: :func:`check_start` compares SHA-256
   digests of the masks (and the start iteration, the configuration, the number of training
   examples) across ranks and raises naming the ranks that differ. Enforcement is unchanged and
-  local: a gradient is masked by its hook before or after DDP's all-reduce (and again at the
-  optimizer's pre-step check if the all-reduce replaced it), so pruned weights stay exactly
-  zero on every rank and masking adds no communication (the all-reduce carries zeros there).
+  local: a rank's gradient is masked by its post-accumulate hook before DDP copies it into its
+  bucket (the all-reduce carries zeros there; masking sends nothing), and the averaged
+  gradient DDP copies back into ``.grad`` is masked again by the optimizer's pre-step check
+  (a local multiply), so pruned weights stay exactly zero on every rank.
   RigL's dense gradient is captured after the all-reduce: the dense gradient of the global
   batch, the same on every rank.
 - **Pruning decisions.** Every rank runs the pruner on the same weights (its criterion's data,
@@ -50,10 +51,10 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
-import socket
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -268,20 +269,15 @@ def seed_for(seed: int, rank: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9) % (2**63 - 1)
 
 
-def free_port() -> int:
-    """A TCP port free on this machine now (bound to port 0 and released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(function: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -> None:
     """Run ``function(*args)`` in ``nproc`` new processes on this machine, as torchrun would.
 
     Each process gets torchrun's environment (``RANK`` = ``LOCAL_RANK``, ``WORLD_SIZE``,
-    ``MASTER_ADDR`` = 127.0.0.1 and a free ``MASTER_PORT``), so :func:`winnow.train` inside
-    ``function`` joins the run; without ``OMP_NUM_THREADS`` set, each process uses its share
-    of the CPU cores. ``function`` must be importable (a module-level function). Returns when
+    ``MASTER_ADDR`` and ``MASTER_PORT``), so :func:`winnow.train` inside ``function`` joins
+    the run. As under torchrun, this process hosts the rendezvous store, on a port the system
+    chooses and held from the start (no other program can take it in between), and the
+    processes connect to it; without ``OMP_NUM_THREADS`` set, each uses its share of the CPU
+    cores. ``function`` must be importable (a module-level function). Returns when
     every process has finished; raises ``RuntimeError`` naming the first that failed (the
     others are stopped).
     """
@@ -289,7 +285,10 @@ def launch(function: Callable[..., Any], nproc: int, args: Sequence[Any] = ()) -
         raise ValueError(f"the number of processes must be >= 1, got {nproc}")
     import torch.multiprocessing as mp
 
-    port = free_port()
+    store = dist.TCPStore(
+        "127.0.0.1", 0, None, True, timedelta(minutes=30), wait_for_workers=False
+    )  # fmt: skip
+    port = store.port
     try:
         mp.start_processes(
             _child, args=(function, nproc, port, tuple(args)), nprocs=nproc, join=True,
@@ -311,7 +310,7 @@ def _child(local_rank: int, function, nproc: int, port: int, args: tuple) -> Non
     os.environ.update(
         RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
         LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+        MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True",
     )  # fmt: skip
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))

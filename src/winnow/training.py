@@ -72,7 +72,9 @@ class TrainConfig:
     epochs: float | None = option(
         None, help="training budget in passes over the training split", exclusive="budget"
     )
-    batch_size: int = option(60, help="examples per optimizer step")
+    batch_size: int = option(
+        60, help="examples per optimizer step (in a data-parallel run, of all processes together)"
+    )
     optimizer: str = option("adam", help="optimizer", choices=OPTIMIZERS)
     lr: float = option(1.2e-3, help="base learning rate")
     momentum: float = option(0.9, help="momentum of SGD")
