@@ -45,11 +45,12 @@ def _compile(function):
 
 # -- csr ------------------------------------------------------------------------------------
 def _csr_vector(ptr, cols, vals, x, bias, y):
-    for r in prange(y.size):
+    v = x[0]
+    for r in prange(y.shape[1]):
         acc = np.float32(0.0)
         for k in range(ptr[r], ptr[r + 1]):
-            acc += vals[k] * x[cols[k]]
-        y[r] = acc + bias[r]
+            acc += vals[k] * v[cols[k]]
+        y[0, r] = acc + bias[r]
 
 
 def _csr_batch(ptr, cols, vals, xt, bias, yt):
@@ -67,14 +68,15 @@ def _csr_batch(ptr, cols, vals, xt, bias, yt):
 
 # -- chunk ----------------------------------------------------------------------------------
 def _chunk_vector(ptr, offsets, vals, chunks, x, bias, y):
-    for r in prange(y.size):
+    v = x[0]
+    for r in prange(y.shape[1]):
         acc = np.float32(0.0)
         first = r * chunks
         for c in range(chunks):
             base = c * 256
             for k in range(ptr[first + c], ptr[first + c + 1]):
-                acc += vals[k] * x[base + offsets[k]]
-        y[r] = acc + bias[r]
+                acc += vals[k] * v[base + offsets[k]]
+        y[0, r] = acc + bias[r]
 
 
 def _chunk_batch(ptr, offsets, vals, chunks, xt, bias, yt):
@@ -96,13 +98,14 @@ def _chunk_batch(ptr, offsets, vals, chunks, xt, bias, yt):
 # -- n:m ------------------------------------------------------------------------------------
 def _nm_vector(positions, vals, m, x, bias, y):
     groups, n = vals.shape[1], vals.shape[2]
-    for r in prange(y.size):
+    v = x[0]
+    for r in prange(y.shape[1]):
         acc = np.float32(0.0)
         for g in range(groups):
             base = g * m
             for j in range(n):
-                acc += vals[r, g, j] * x[base + positions[r, g, j]]
-        y[r] = acc + bias[r]
+                acc += vals[r, g, j] * v[base + positions[r, g, j]]
+        y[0, r] = acc + bias[r]
 
 
 def _nm_batch(positions, vals, m, xt, bias, yt):
@@ -209,7 +212,8 @@ def pack(weight: np.ndarray, format: str, n: int = 0, m: int = 0) -> Packed:
 
 def bind(packed: Packed, parallel: bool) -> tuple[Callable, Callable, tuple]:
     """(vector kernel, batch kernel, their leading arguments) for ``packed``: the product is
-    ``vector(*args, x, bias, y)`` at batch 1 and ``batch(*args, xt, bias, yt)`` otherwise."""
+    ``vector(*args, x, bias, y)`` at batch 1 (x: 1 × inputs, y: 1 × outputs) and
+    ``batch(*args, xt, bias, yt)`` otherwise."""
     which = 1 if parallel else 0
     a = packed.arrays
     if packed.format == "csr":
@@ -227,7 +231,7 @@ def multiply(packed: Packed, x: np.ndarray, bias: np.ndarray, parallel: bool) ->
     out = packed.shape[0]
     if x.shape[0] == 1:
         y = np.empty((1, out), dtype=np.float32)
-        vector(*args, x[0], bias, y[0])
+        vector(*args, x, bias, y)
         return y
     yt = np.empty((out, x.shape[0]), dtype=np.float32)
     batch(*args, np.ascontiguousarray(x.T), bias, yt)

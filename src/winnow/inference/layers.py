@@ -49,11 +49,16 @@ def parse_kernel(kernel: str) -> tuple[str, dict]:
     )
 
 
+_NUMBA_THREADS = [0]
+"""The thread count last given to numba (asking numba costs more than the small products)."""
+
+
 def _threads() -> None:
     """Run numba's parallel kernels on as many threads as torch's intra-op pool."""
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != wanted:
-        numba.set_num_threads(wanted)
+    wanted = torch.get_num_threads()
+    if wanted != _NUMBA_THREADS[0]:
+        numba.set_num_threads(max(1, min(wanted, numba.config.NUMBA_NUM_THREADS)))
+        _NUMBA_THREADS[0] = wanted
 
 
 class SparseLinear(nn.Module):
@@ -161,39 +166,41 @@ class SparseLinear(nn.Module):
                 bias = self.bias.detach().to(torch.float32).numpy()
             else:
                 bias = np.zeros(self.out_features, dtype=np.float32)
-            self._bound = (vector, batch, args, bias)
+            self._bound = (vector, batch, args, bias, self.options["parallel"])
         return self._bound
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kind == "dense":
+        kind = self.kind
+        if kind == "dense":
             return F.linear(x, self.weight, self.bias)
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features)
-        if self.kind != "own":
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if kind != "own":
             y = torch.mm(self._torch_sparse(), flat.t().to(self.weight.dtype)).t()
             if self.bias is not None:
                 y = y + self.bias
-            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"kernel {self.kernel} is for inference: run under torch.no_grad()")
-        if x.device.type != "cpu":
+        if x.is_cuda:
             raise RuntimeError(f"kernel {self.kernel} runs on the CPU; the input is on {x.device}")
-        if self.options["parallel"]:
+        vector, batch, args, bias, parallel = self._bound or self._bind()
+        if parallel:
             _threads()
-        vector, batch, args, bias = self._bind()
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
+        if flat.dtype is not torch.float32 or not flat.is_contiguous():
             flat = flat.to(torch.float32).contiguous()
-        rows = flat.shape[0]
+        data = flat.numpy()
+        rows = data.shape[0]
         if rows == 1:
-            y = torch.empty(1, self.out_features)
-            vector(*args, flat.numpy()[0], bias, y.numpy()[0])
+            y = np.empty((1, self.out_features), dtype=np.float32)
+            vector(*args, data, bias, y)
         else:
-            yt = torch.empty(self.out_features, rows)
-            batch(*args, flat.t().contiguous().numpy(), bias, yt.numpy())
-            y = yt.t()
-        if x.dtype != torch.float32:
-            y = y.to(x.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+            yt = np.empty((self.out_features, rows), dtype=np.float32)
+            batch(*args, np.ascontiguousarray(data.T), bias, yt)
+            y = yt.T
+        out = torch.from_numpy(y)
+        if x.dtype is not torch.float32:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
 
 class SparseConv1x1(nn.Module):
