@@ -46,7 +46,7 @@ from torch.nn import functional as F
 from torch.special import log_ndtr, ndtr, ndtri
 
 from winnow.core.masks import Masks
-from winnow.core.modules import replace_submodule
+from winnow.core.modules import copy_weight_and_bias, layer_targets, replace_submodule
 from winnow.variational import KLPenalty
 
 LOG_LOWER, LOG_UPPER = -20.0, 0.0
@@ -290,7 +290,7 @@ class LinearSBP(nn.Linear):
             linear.in_features, linear.out_features, linear.bias is not None, mu_init,
             log_sigma_init, device=w.device, dtype=w.dtype,
         )  # fmt: skip
-        _copy_into(layer, linear)
+        copy_weight_and_bias(layer, linear)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -336,7 +336,7 @@ class Conv2dSBP(nn.Conv2d):
             conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, mu_init,
             log_sigma_init, device=w.device, dtype=w.dtype,
         )  # fmt: skip
-        _copy_into(layer, conv)
+        copy_weight_and_bias(layer, conv)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -344,14 +344,6 @@ class Conv2dSBP(nn.Conv2d):
 
 
 SBP_LAYERS = (LinearSBP, Conv2dSBP)
-
-
-@torch.no_grad()
-def _copy_into(target: nn.Module, source: nn.Module) -> None:
-    target.weight.copy_(source.weight)
-    if source.bias is not None:
-        target.bias.copy_(source.bias)
-    target.train(source.training)
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -402,26 +394,6 @@ def snr(model: nn.Module) -> dict[str, Tensor]:
     return {name: layer.noise.snr().detach() for name, layer in _layers_or_raise(model).items()}
 
 
-def _targets(model: nn.Module, names: Iterable[str] | None) -> list[str]:
-    """Names of the Linear / Conv2d modules to convert (default: those of exactly that type
-    but the last in module order, usually the classifier whose outputs are the model's)."""
-    modules = dict(model.named_modules())
-    if names is None:
-        found = [n for n, m in modules.items() if type(m) in (nn.Linear, nn.Conv2d)]
-        return found[:-1]
-    if isinstance(names, str):
-        raise TypeError("names must be a list of module names, not a single string")
-    for name in names:
-        if name not in modules:
-            raise ValueError(f"model has no module named {name!r}")
-        module = modules[name]
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SBP_LAYERS):
-            raise ValueError(
-                f"module {name!r} is a {type(module).__name__}, not a Linear or Conv2d"
-            )
-    return list(names)
-
-
 def to_sbp(
     model: nn.Module,
     names: Iterable[str] | None = None,
@@ -438,7 +410,7 @@ def to_sbp(
     ``<module>.noise.mu`` and ``<module>.noise.log_sigma``.
     """
     copied = copy.deepcopy(model)
-    for name in _targets(copied, names):
+    for name in layer_targets(copied, names, SBP_LAYERS, skip_last=True):
         old = copied.get_submodule(name)
         if isinstance(old, nn.Conv2d):
             new: nn.Module = Conv2dSBP.from_conv(old, mu_init, log_sigma_init)
@@ -478,7 +450,7 @@ def from_sbp(model: nn.Module, threshold: float = THRESHOLD) -> tuple[nn.Module,
                 old.in_features, old.out_features, old.bias is not None,
                 device=w.device, dtype=w.dtype,
             )  # fmt: skip
-        _copy_into(new, old)
+        copy_weight_and_bias(new, old)
         scale = (old.noise.mean().detach() * keep).to(w.dtype)
         rows = scale.reshape(-1, *([1] * (w.dim() - 1)))
         with torch.no_grad():

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from winnow.core.masks import Masks
-from winnow.core.modules import replace_submodule
+from winnow.core.modules import copy_weight_and_bias, layer_targets, replace_submodule
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 """Constants of the KL approximation, Molchanov et al. 2017, Eq. 14."""
@@ -123,7 +123,7 @@ class LinearSVDO(_SVDO, nn.Linear):
             device=w.device,
             dtype=w.dtype,
         )
-        _copy_into(layer, linear)
+        copy_weight_and_bias(layer, linear)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -200,7 +200,7 @@ class Conv2dSVDO(_SVDO, nn.Conv2d):
             device=w.device,
             dtype=w.dtype,
         )
-        _copy_into(layer, conv)
+        copy_weight_and_bias(layer, conv)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -215,14 +215,6 @@ class Conv2dSVDO(_SVDO, nn.Conv2d):
 
 
 SVDO_LAYERS = (LinearSVDO, Conv2dSVDO)
-
-
-@torch.no_grad()
-def _copy_into(target: nn.Module, source: nn.Module) -> None:
-    target.weight.copy_(source.weight)
-    if source.bias is not None:
-        target.bias.copy_(source.bias)
-    target.train(source.training)
 
 
 def svdo_layers(model: nn.Module) -> dict[str, LinearSVDO | Conv2dSVDO]:
@@ -281,24 +273,6 @@ class KLPenalty:
         return f"KLPenalty(weight={self.weight:g}, warmup={self.warmup}, step={self.step})"
 
 
-def _targets(model: nn.Module, names: Iterable[str] | None) -> list[str]:
-    """Names of the Linear / Conv2d modules to convert (default: those of exactly that type)."""
-    modules = dict(model.named_modules())
-    if names is None:
-        return [n for n, m in modules.items() if type(m) in (nn.Linear, nn.Conv2d)]
-    if isinstance(names, str):
-        raise TypeError("names must be a list of module names, not a single string")
-    for name in names:
-        if name not in modules:
-            raise ValueError(f"model has no module named {name!r}")
-        module = modules[name]
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or isinstance(module, SVDO_LAYERS):
-            raise ValueError(
-                f"module {name!r} is a {type(module).__name__}, not a Linear or Conv2d"
-            )
-    return list(names)
-
-
 def to_svdo(
     model: nn.Module,
     names: Iterable[str] | None = None,
@@ -314,7 +288,7 @@ def to_svdo(
     stay (``<module>.weight``, ``<module>.bias``), plus ``<module>.log_sigma2``.
     """
     copied = copy.deepcopy(model)
-    for name in _targets(copied, names):
+    for name in layer_targets(copied, names, SVDO_LAYERS):
         old = copied.get_submodule(name)
         if isinstance(old, nn.Conv2d):
             new: nn.Module = Conv2dSVDO.from_conv(old, log_sigma2_init, threshold)
@@ -363,7 +337,7 @@ def from_svdo(model: nn.Module, threshold: float | None = THRESHOLD) -> tuple[nn
                 device=w.device,
                 dtype=w.dtype,
             )
-        _copy_into(new, old)
+        copy_weight_and_bias(new, old)
         with torch.no_grad():
             new.weight.mul_(keep)
         replace_submodule(copied, name, new)
