@@ -32,6 +32,7 @@ from winnow.experiments import (
     at_init,
     check_store,
     config_id,
+    run_sweep,
 )
 from winnow.experiments.parallel import Parallel, run_parallel
 
@@ -146,6 +147,39 @@ def test_a_lease_is_exclusive_expires_and_is_taken_over(tmp_path):
     assert store.claim(TOY, config_id(Toy(value=1))).state == "done"
     assert store.lease(TOY, config_id(Toy(value=1))) is None  # released
     assert check_store(tmp_path) == []
+
+
+SERIAL = """
+import sys
+from test_parallel_sweeps import TOY, Toy, toy_execute
+from winnow.experiments import RunStore, run_sweep
+config = Toy(value=1, kill_marker=sys.argv[2])
+run_sweep(RunStore(sys.argv[1]), TOY, [config], toy_execute, progress=False)
+"""
+
+
+def test_a_serial_sweep_killed_with_sigkill_is_resumed_at_once(tmp_path):
+    marker, root = tmp_path / "victim.pid", tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    child = subprocess.Popen([sys.executable, "-c", SERIAL, str(root), str(marker)], env=env)
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert int(marker.read_text()) == child.pid
+    child.kill()
+    child.wait(10)
+    store = RunStore(root)
+    config = Toy(value=1, kill_marker=str(marker))
+    owner, expires = store.lease(TOY, config_id(config))
+    assert owner.split("/")[2] == str(child.pid) and expires > time.time() + 30  # not expired
+    started = time.perf_counter()
+    summary = run_sweep(store, TOY, [config], toy_execute, progress=False)
+    assert summary.ran == 1 and time.perf_counter() - started < 10  # its holder is gone
+    # a driver's lease waits for its expiry even when the driver is gone: its workers may
+    # outlive it a moment
+    driver = f"{owner.rsplit('/', 1)[0]}/0000/driver"
+    assert store.claim(TOY, "r2", owner=driver).state == "claimed"
+    assert store.claim(TOY, "r2").state == "held"
 
 
 def test_a_packed_run_is_ingested_with_its_checksums(tmp_path):

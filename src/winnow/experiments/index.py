@@ -255,13 +255,20 @@ LEASE_COLUMNS = "experiment, run_id, owner, expires, checksum"
 
 
 def claim(
-    index: Index, experiment: str, run_id: str, owner: str, expires: float, redo: bool = False
+    index: Index,
+    experiment: str,
+    run_id: str,
+    owner: str,
+    expires: float,
+    redo: bool = False,
+    gone: Callable[[str], bool] | None = None,
 ) -> tuple[str, str | None, float | None]:
     """Claim run ``experiment/run_id`` for ``owner`` until ``expires`` (Unix time), in one
     transaction: ``("done", None, None)`` if the run is done (unless ``redo``: a finished run
     whose files are to be recomputed), ``("held", holder, until)`` while another owner's lease
-    has not expired, else the lease is written (inserted, taken over from an expired holder,
-    or renewed for the same owner) and ``("claimed", owner, expires)`` returned."""
+    has not expired (and ``gone(holder)`` is not true), else the lease is written (inserted,
+    taken over from an expired or gone holder, or renewed for the same owner) and
+    ``("claimed", owner, expires)`` returned."""
 
     def attempt() -> tuple[str, str | None, float | None]:
         with index.connection() as db:
@@ -281,7 +288,8 @@ def claim(
                 ).fetchone()
                 if row is not None:
                     _, _, holder, until, _ = index.verified_lease(row)
-                    if holder != owner and until > time.time():
+                    live = until > time.time() and not (gone is not None and gone(holder))
+                    if holder != owner and live:
                         db.execute("COMMIT")
                         return ("held", holder, until)
                 _write_lease(db, experiment, run_id, owner, expires)

@@ -66,7 +66,7 @@ from winnow.experiments.runner import (
     execute_run,
     unique_configs,
 )
-from winnow.experiments.store import LEASE_SECONDS, Lease, Run, RunStore
+from winnow.experiments.store import LEASE_SECONDS, Lease, Run, RunStore, new_owner
 
 ENGINES = ("processes", "ray")
 TRANSPORTS = ("auto", "direct", "driver")
@@ -297,9 +297,14 @@ def _watch_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _stop_worker(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # the run in progress is marked interrupted on the way out
+
+
 def _worker_main(conn: Any, env: dict[str, str]) -> None:
     os.environ.update(env)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
+    signal.signal(signal.SIGTERM, _stop_worker)  # how the driver stops it
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     while True:
         try:
@@ -398,6 +403,9 @@ class _Processes:
         for slot in self.slots:
             if slot.run_id is not None:
                 slot.process.join(10)
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join(5)
 
     def close(self) -> None:
         for slot in self.slots:
@@ -601,8 +609,9 @@ class _Driver:
 
     def _start(self, run_id: str, bar: SweepProgress) -> float | None:
         """Claim the run and hand it to a worker; how long to wait before claiming it again if
-        another process holds it (None otherwise)."""
-        claim = self.store.claim(self.experiment, run_id)
+        another process holds it (None otherwise). The lease is a driver's: its workers may
+        outlive it a moment, so it is free only once it expires."""
+        claim = self.store.claim(self.experiment, run_id, owner=new_owner(executes=False))
         if claim.state == "done":
             self.summary.skipped += 1
             bar.ended(run_id)
@@ -677,7 +686,8 @@ class _Driver:
     def _ingest_needed(self, bundle: dict) -> None:
         """Take a run a worker executed because its run needed it, unless the store has it
         done already or another process executes it now."""
-        claim = self.store.claim(bundle["experiment"], bundle["run_id"])
+        owner = new_owner(executes=False)
+        claim = self.store.claim(bundle["experiment"], bundle["run_id"], owner=owner)
         if claim.lease is not None:
             with claim.lease:
                 self.store.ingest(bundle)

@@ -66,6 +66,8 @@ __all__ = [
     "StoreError",
     "check_store",
     "file_digest",
+    "holder_is_gone",
+    "new_owner",
     "repair_store",
 ]
 
@@ -257,7 +259,9 @@ class RunStore:
         by ``owner``, a new id if None, for ``seconds``, the store's ``lease_seconds`` if
         None), ``"done"`` (the run is finished; never claimed unless ``redo``) or ``"held"``
         (another owner's lease has not expired: ``holder`` and ``expires`` say whose and
-        until when). An expired lease is taken over: its holder died or stopped renewing it.
+        until when). An expired lease is taken over: its holder died or stopped renewing it;
+        so is the lease of a process of this host that executed its runs itself and is gone
+        (:func:`holder_is_gone`: a serial sweep killed with SIGKILL is resumed at once).
         Use the lease as a context manager (renewed by a heartbeat thread inside, released at
         the end)."""
         _check_name(experiment, "experiment")
@@ -265,8 +269,9 @@ class RunStore:
         seconds = self.lease_seconds if seconds is None else float(seconds)
         owner = owner or new_owner()
         state, holder, expires = idx.claim(
-            self.index, experiment, run_id, owner, time.time() + seconds, redo=redo
-        )
+            self.index, experiment, run_id, owner, time.time() + seconds, redo=redo,
+            gone=holder_is_gone,
+        )  # fmt: skip
         lease = Lease(self, experiment, run_id, owner, seconds) if state == "claimed" else None
         return Claim(state, lease, holder, expires)
 
@@ -526,9 +531,37 @@ def repair_store(root: str | os.PathLike) -> dict[str, int]:
     return idx.rebuild(root, root / DATABASE_NAME)
 
 
-def new_owner() -> str:
-    """A new lease owner id: the host, the process and a random part."""
-    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "-"
+
+
+def new_owner(executes: bool = True) -> str:
+    """A new lease owner id: the host, its process namespace, the process and a random part.
+
+    ``executes``: the owner executes its runs in its own process (a serial sweep, a run's
+    :meth:`RunStore.ensure`), so its lease is free as soon as that process is gone; a
+    driver's runs execute in workers that may outlive it a moment (``executes=False``: its
+    leases are free only when they expire)."""
+    owner = f"{socket.gethostname()}/{_pid_namespace()}/{os.getpid()}/{secrets.token_hex(4)}"
+    return owner if executes else owner + "/driver"
+
+
+def holder_is_gone(owner: str) -> bool:
+    """Whether a lease's owner is a process of this host (and process namespace) that executed
+    its runs itself and no longer exists: its leases need not wait to expire."""
+    parts = owner.split("/")
+    if len(parts) != 4 or parts[0] != socket.gethostname() or parts[1] != _pid_namespace():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, OverflowError):  # alive under another user, or not a pid
+        return False
+    return False
 
 
 class Lease:
