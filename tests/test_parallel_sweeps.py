@@ -211,7 +211,7 @@ def _records(root: Path) -> dict:
     }
 
 
-def test_parallel_records_are_the_serial_records_bit_for_bit(tmp_path, ray_address):
+def test_parallel_records_are_the_serial_records_bit_for_bit(tmp_path):
     configs = at_init.sweep(
         methods=("magnitude", "snip"), densities=(0.2,), seeds=(0,),
         controls=("none", "shuffle"), model="mlp", data="digits",
@@ -221,7 +221,10 @@ def test_parallel_records_are_the_serial_records_bit_for_bit(tmp_path, ray_addre
     started = time.perf_counter()
     _, serial = spec.run(tmp_path / "serial", configs, False, Parallel(threads_per_run=1))
     on_ray = Parallel(workers=2, engine="ray", threads_per_run=1)
+    started_here = not ray.is_initialized()  # run first in this file: winnow starts its Ray
     _, parallel = spec.run(tmp_path / "ray", configs, False, on_ray)
+    if started_here:  # ray.init(num_cpus=2 workers x 1 thread), shut down after the sweep
+        assert not ray.is_initialized()
     assert (serial.ran, parallel.ran) == (len(configs), len(configs))
     assert serial.failed == parallel.failed == []
     one, two = _records(tmp_path / "serial"), _records(tmp_path / "ray")
