@@ -175,3 +175,20 @@ def test_command_line_accelerates_a_zoo_model_and_an_hf_directory(tmp_path, caps
         close(again(x), masks.apply(model)(x))
     assert main(["accelerate", str(tmp_path), "--out", str(out)]) != 0  # not an HF directory
     assert "not a Hugging Face model directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_semi_structured_2_4_on_cuda():
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        pytest.skip("semi-structured sparsity needs compute capability 8.0 or above")
+    dense = torch.randn(128, 256, device="cuda", dtype=torch.float16)
+    weight = dense * nm_select(dense.abs().float(), "2:4", 1)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    layer = SparseLinear.from_weight(weight, None, "cuda-2:4", (2, 4))
+    torch.testing.assert_close(layer(x), F.linear(x, weight), rtol=1e-2, atol=1e-2)
+    model = nn.Sequential(nn.Linear(256, 128, bias=False)).to("cuda", torch.float16)
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    fast = accelerate(model, x, budget=0.05, kernels=["cuda-2:4"], margin=float("inf"))
+    assert choices(fast)["0"].kernel == "cuda-2:4"

@@ -113,6 +113,8 @@ def _candidates(weight: Tensor, pattern: tuple[int, int], device: torch.device) 
     if device.type == "cpu":
         for fmt in ("csr", "chunk") + (("nm",) if pattern[1] else ()):
             names += [f"{fmt}-serial", f"{fmt}-parallel"]
+    elif pattern == (2, 4) and weight.dtype in (torch.float16, torch.bfloat16):
+        names.append("cuda-2:4")  # tried; refused (and skipped) where the GPU lacks it
     return names
 
 
@@ -213,7 +215,8 @@ def _tune(name, weight, bias, x, margin, budget, allowed):
             layer = SparseLinear.from_weight(weight, bias, kernel, pattern)
             expected = F.linear(x, weight, bias)
             scale = 1.0 + float(expected.abs().max())
-            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4 * scale)
+            tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(layer(x), expected, rtol=tolerance, atol=tolerance * scale)
         except (RuntimeError, ValueError, NotImplementedError, AssertionError):
             continue  # not supported here (a torch build without BSR on CPU, ...)
         layers[kernel] = layer

@@ -7,6 +7,8 @@ Kernels (the names :func:`winnow.inference.accelerate` chooses among):
   gain keeps);
 - ``torch-csr``, ``torch-bsr<b>``: torch's own sparse tensors (CSR; BSR with b×b blocks) times
   the dense input;
+- ``cuda-2:4``: on a GPU with semi-structured sparsity (compute capability 8.0 and above), a
+  2:4 weight as ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16);
 - ``csr``, ``chunk``, ``nm`` with ``-serial`` or ``-parallel``: winnow's compiled kernels
   (:mod:`winnow.inference.kernels`), CPU only.
 
@@ -35,7 +37,7 @@ OWN_FORMATS = ("csr", "chunk", "nm")
 def parse_kernel(kernel: str) -> tuple[str, dict]:
     """``("own", {"format": "chunk", "parallel": True})``, ``("torch-bsr", {"block": 8})``,
     ``("torch-csr", {})`` or ``("dense", {})``; ``ValueError`` for an unknown name."""
-    if kernel in ("dense", "torch-csr"):
+    if kernel in ("dense", "torch-csr", "cuda-2:4"):
         return kernel, {}
     match = re.fullmatch(r"torch-bsr(\d+)", kernel)
     if match:
@@ -44,8 +46,8 @@ def parse_kernel(kernel: str) -> tuple[str, dict]:
     if match:
         return "own", {"format": match.group(1), "parallel": match.group(2) == "parallel"}
     raise ValueError(
-        f"unknown kernel {kernel!r}; kernels are dense, torch-csr, torch-bsr<b>, and "
-        "csr|chunk|nm-serial|parallel"
+        f"unknown kernel {kernel!r}; kernels are dense, torch-csr, torch-bsr<b>, cuda-2:4, "
+        "and csr|chunk|nm-serial|parallel"
     )
 
 
@@ -87,7 +89,7 @@ class SparseLinear(nn.Module):
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, kernel, pattern)
         weight = weight.detach()
-        if layer.kind == "dense" or layer.kind.startswith("torch"):
+        if layer.kind in ("dense", "cuda-2:4") or layer.kind.startswith("torch"):
             layer.register_buffer("weight", weight.clone())
             if layer.kind != "dense":
                 layer._torch_sparse()  # a shape the blocks do not divide fails here
@@ -125,6 +127,9 @@ class SparseLinear(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 if self.kind == "torch-csr":
                     self._sparse = self.weight.to_sparse_csr()
+                elif self.kind == "cuda-2:4":
+                    semi = torch.sparse.to_sparse_semi_structured
+                    self._sparse = semi(self.weight)  # CUDA, fp16/bf16, a 2:4 weight
                 else:
                     block = self.options["block"]
                     self._sparse = self.weight.to_sparse_bsr((block, block))
@@ -173,6 +178,8 @@ class SparseLinear(nn.Module):
         kind = self.kind
         if kind == "dense":
             return F.linear(x, self.weight, self.bias)
+        if kind == "cuda-2:4":
+            return F.linear(x, self._torch_sparse(), self.bias)
         flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         if kind != "own":
             y = torch.mm(self._torch_sparse(), flat.t().to(self.weight.dtype)).t()
