@@ -69,14 +69,21 @@ RESUME = TrainConfig(iterations=12, batch_size=16, optimizer="adam", lr=0.01, ev
 
 
 def _equality_runs():
-    """(name, config, masks?) of the runs compared with a single process."""
-    return [("sgd", SGD, False), ("adam-masked", ADAM, True)]
+    """(name, config, masked, examples) of the runs compared with a single process; with 65
+    examples the epoch's last batch holds one, so rank 0 has none and adds weight 0."""
+    return [
+        ("sgd", SGD, False, N),
+        ("adam-masked", ADAM, True, N),
+        ("last-batch-of-one", dataclasses.replace(SGD, iterations=5), False, 65),
+    ]
 
 
-def _train_dense_or_masked(config: TrainConfig, masked: bool, model: nn.Module | None = None):
+def _train_dense_or_masked(
+    config: TrainConfig, masked: bool, model: nn.Module | None = None, n: int = N
+):
     model = _model() if model is None else model
     masks = _masks(unwrap(model)) if masked else None
-    result = train(model, _data(), config, masks, eval_splits={"all": _data()})
+    result = train(model, _data(n), config, masks, eval_splits={"all": _data(n)})
     return unwrap(model), result
 
 
@@ -126,8 +133,8 @@ def _scenarios(out: Path) -> None:
     rank = int(os.environ["RANK"])
     saved: dict = {}
     # a DDP step equals the single-process step on the global batch
-    for name, config, masked in _equality_runs():
-        model, result = _train_dense_or_masked(config, masked)
+    for name, config, masked, n in _equality_runs():
+        model, result = _train_dense_or_masked(config, masked, n=n)
         saved[name] = {"weights": model.state_dict(), "history": result.history}
     # masking adds no all-reduce: DDP (wrapped here, with a counting hook) reduces once a step
     model = _model()
@@ -159,6 +166,16 @@ def _scenarios(out: Path) -> None:
             "weights": model.state_dict(), "masks": dict(result.masks), "ok": watch.ok,
             "steps": watch.steps, "history": result.history,
         }  # fmt: skip
+    # iterative magnitude pruning: masks chosen between rounds alike on every rank
+    from winnow.schedules import iterative_magnitude_pruning
+
+    rounds = iterative_magnitude_pruning(
+        _model(), _data(), dataclasses.replace(SGD, iterations=4), rounds=3, rate=0.5
+    )
+    saved["imp"] = [
+        {"masks": dict(r.next_masks), "trained": r.trained, "history": r.result.history}
+        for r in rounds
+    ]
     # a pruner that chooses differently on each rank: rank 0's choice is enforced everywhere
     pruner = _RankPruner()
     model = _model()
@@ -201,18 +218,18 @@ def job(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def _single(config: TrainConfig, masked: bool):
+def _single(config: TrainConfig, masked: bool, n: int = N):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train_dense_or_masked(config, masked)
+        return _train_dense_or_masked(config, masked, n=n)
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("name, config, masked", _equality_runs())
-def test_ddp_step_equals_the_single_process_step_on_the_global_batch(job, name, config, masked):
-    model, result = _single(config, masked)
+@pytest.mark.parametrize("name, config, masked, n", _equality_runs())
+def test_ddp_step_equals_the_single_process_step_on_the_global_batch(job, name, config, masked, n):
+    model, result = _single(config, masked, n)
     for rank in job:
         for key, value in model.state_dict().items():
             torch.testing.assert_close(rank[name]["weights"][key], value, atol=1e-5, rtol=0)
@@ -255,6 +272,18 @@ def test_pruned_weights_stay_exactly_zero_and_ranks_stay_identical(job, name):
     for key, value in first["weights"].items():
         assert torch.equal(value, second["weights"][key])  # bit for bit
     assert first["history"] == second["history"]
+
+
+def test_iterative_magnitude_pruning_rounds_are_identical_on_every_rank(job):
+    first, second = job
+    assert len(first["imp"]) == len(second["imp"]) == 4  # the dense round and 3 more
+    for one, other in zip(first["imp"], second["imp"], strict=True):
+        assert one["history"] == other["history"]
+        for key, keep in one["masks"].items():
+            assert torch.equal(keep, other["masks"][key])
+        for key, value in one["trained"].items():
+            assert torch.equal(value, other["trained"][key])
+    assert 0 < sum(int(k.sum()) for k in first["imp"][-1]["masks"].values())
 
 
 def test_pruning_decisions_that_differ_are_settled_by_rank_0s_masks(job):

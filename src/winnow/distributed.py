@@ -145,6 +145,15 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def barrier(group: Group) -> None:
+    """Wait until every rank is here (at the end of a run, so no rank tears the process group
+    down while another still finishes its last collective)."""
+    if group.device.type == "cuda":
+        dist.barrier(device_ids=[group.device.index])
+    else:
+        dist.barrier()
+
+
 def wrap(model: nn.Module, group: Group) -> tuple[nn.Module, nn.Module]:
     """``(module, wrapper)``: the plain model on the rank's device and the
     ``DistributedDataParallel`` wrapper its forward and backward passes go through (the
@@ -315,3 +324,6 @@ def _child(local_rank: int, function, nproc: int, port: int, args: tuple) -> Non
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
     function(*args)
+    if dist.is_available() and dist.is_initialized():  # done: leave together, then tear down
+        dist.barrier()
+        dist.destroy_process_group()

@@ -707,6 +707,8 @@ class _Loop:
                 history = self.result.history
                 if not history or history[-1]["iteration"] != total:
                     self.record(total, self.mean_loss(running, count))
+                if self.group is not None:
+                    distributed.barrier(self.group)
         finally:
             bar.close()
             if self.enforcer is not None:
