@@ -522,10 +522,12 @@ class _Loop:
         self.result.history = list(state["history"])
         self.result.checkpoints = {int(k): dict(v) for k, v in state["saved"].items()}
         self.rng = state["rng"]
-        if self.group is not None:  # this rank's generator (rank 0's when not saved)
+        if self.group is not None:  # this rank's generator, saved by rank 0 for every rank
             ranks = state.get("rng_ranks") or []
-            own = ranks[self.group.rank] if self.group.rank < len(ranks) else None
-            self.rng = own if own is not None or self.group.main else None
+            if self.group.rank < len(ranks):
+                self.rng = ranks[self.group.rank]
+            elif not self.group.main:  # none saved for it (fewer processes): seeded afresh
+                self.rng = None
         masks = None if state["masks"] is None else Masks(dict(state["masks"]))
         return masks, int(state["iteration"])
 
