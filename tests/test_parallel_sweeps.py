@@ -172,9 +172,9 @@ def test_a_serial_sweep_killed_with_sigkill_is_resumed_at_once(tmp_path):
     config = Toy(value=1, kill_marker=str(marker))
     owner, expires = store.lease(TOY, config_id(config))
     assert owner.split("/")[2] == str(child.pid) and expires > time.time() + 30  # not expired
-    started = time.perf_counter()
     summary = run_sweep(store, TOY, [config], toy_execute, progress=False)
-    assert summary.ran == 1 and time.perf_counter() - started < 10  # its holder is gone
+    # done before the dead holder's lease would have expired: it was taken over, not waited out
+    assert summary.ran == 1 and time.time() < expires
     # a driver's lease waits for its expiry even when the driver is gone: its workers may
     # outlive it a moment
     driver = f"{owner.rsplit('/', 1)[0]}/0000/driver"
@@ -218,7 +218,6 @@ def test_parallel_records_are_the_serial_records_bit_for_bit(tmp_path):
         train=TrainConfig(epochs=1), data_limit=300,
     )  # fmt: skip
     spec = at_init.EXPERIMENT_SPEC
-    started = time.perf_counter()
     _, serial = spec.run(tmp_path / "serial", configs, False, Parallel(threads_per_run=1))
     on_ray = Parallel(workers=2, engine="ray", threads_per_run=1)
     started_here = not ray.is_initialized()  # run first in this file: winnow starts its Ray
@@ -233,7 +232,6 @@ def test_parallel_records_are_the_serial_records_bit_for_bit(tmp_path):
     for path in (tmp_path / "serial" / "at-init").glob("*/*.safetensors"):
         twin = tmp_path / "ray" / "at-init" / path.parent.name / path.name
         assert twin.read_bytes() == path.read_bytes()
-    assert time.perf_counter() - started < 90
 
 
 # -- 2. two drivers at once on one store ----------------------------------------------------------
@@ -303,7 +301,6 @@ def test_a_killed_worker_loses_its_lease_and_its_run_is_redone(tmp_path, engine,
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     lease = 3.0
-    started = time.perf_counter()
     parallel = Parallel(workers=2, engine=engine, lease_seconds=lease)
     summary = run_parallel(
         RunStore(tmp_path, lease_seconds=lease), TOY, configs, toy_execute, parallel, False
@@ -318,7 +315,6 @@ def test_a_killed_worker_loses_its_lease_and_its_run_is_redone(tmp_path, engine,
     store = RunStore(tmp_path)
     assert store.status(TOY, victim) == "done" and store.lease(TOY, victim) is None
     assert check_store(tmp_path) == []
-    assert time.perf_counter() - started < 90
 
 
 # -- 2. results travel back through the driver ----------------------------------------------------
@@ -374,11 +370,9 @@ def test_the_command_line_runs_a_sweep_on_two_workers(tmp_path, capsys):
     args += ["magnitude", "--densities", "20%", "--seeds", "0", "--controls", "none,shuffle"]
     args += ["--epochs", "1", "--data-limit", "300", "--results", str(tmp_path), "--workers"]
     args += ["2", "--threads-per-run", "1"]
-    started = time.perf_counter()
     assert winnow.cli.main(args) == 0
     out = capsys.readouterr().out
     assert "3 runs into" in out and "on 2 workers (processes)" in out
     assert len(RunStore(tmp_path).runs("at-init", status="done")) == 3
     assert check_store(tmp_path) == []
     assert winnow.cli.main(args) == 0  # all done: nothing is redone
-    assert time.perf_counter() - started < 90
