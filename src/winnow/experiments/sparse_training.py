@@ -368,7 +368,9 @@ def report(results: str | Path, out: str | Path | None = None) -> dict[str, Path
         for row in table:
             if row["model"] != model or row["method"] == "dense":
                 continue
-            series.setdefault(label(row), []).append(
+            # "rigl [erk]": its own colour (line_plot dashes "name (variant)" in name's colour)
+            shown = label(row).replace(" (", " [").replace(")", "]")
+            series.setdefault(shown, []).append(
                 (100 * row["density"], 100 * row["test_acc_mean"], 100 * row["test_acc_std"])
             )
         paths[f"accuracy-{model}"] = line_plot(
