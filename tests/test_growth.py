@@ -304,3 +304,14 @@ def test_a_damaged_state_file_is_an_error(tmp_path):
     state.write_bytes(bytes(raw))
     with pytest.raises(winnow.io.WinnowFileError):
         winnow.train(mlp(), data(), config(iterations=100), checkpoint=state)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_by_position_matches_a_stable_sort(seed):
+    from winnow.schedules.growth import top_by_position
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (200,), generator=g).float()  # many ties
+    for count in (0, 1, 17, 100, 200):
+        expected = sorted(range(200), key=lambda i: (-scores[i].item(), i))[:count]
+        assert sorted(top_by_position(scores, count).tolist()) == sorted(expected)

@@ -509,6 +509,7 @@ class _Loop:
             )
         self.prune_step = getattr(pruner, "step", pruner)
         self.needs_gradient = getattr(pruner, "needs_gradient", None)
+        self.captured = False  # whether the step just taken kept its dense gradients
         self.loss_fn = batches.loss_of(loss_fn)
         self.regularizer, self.callbacks = regularizer, list(callbacks)
         self.autocast = _autocast(config.precision, device)
@@ -553,7 +554,7 @@ class _Loop:
         if self.prune_step is None:
             return
         if self.needs_gradient is not None:  # growth: the dense gradient of this step
-            gradients = self.enforcer.dense_gradients() if self.enforcer is not None else None
+            gradients = self.enforcer.dense_gradients() if self.captured else None
             new = self.prune_step(iteration, self.model, gradients=gradients)
         else:
             new = self.prune_step(iteration, self.model)
@@ -690,7 +691,8 @@ class _Loop:
                 running, count = torch.zeros((), device=device), 0
                 for step, group in self.stream.steps(total - self.start, self.start):
                     if self.needs_gradient is not None and self.enforcer is not None:
-                        if self.needs_gradient(step + 1):
+                        self.captured = self.needs_gradient(step + 1)
+                        if self.captured:
                             self.enforcer.capture_dense_gradients()
                     running += self.step(group)
                     count += 1

@@ -102,6 +102,21 @@ class DropGrow:
         return [0, *range(self.update_every, self.end, self.update_every)]
 
 
+def top_by_position(scores: Tensor, count: int) -> Tensor:
+    """Flat indices of the ``count`` highest of ``scores`` (1-d), ties broken by position (the
+    earlier first): those above the count-th value, then the earliest equal to it. One
+    ``topk`` and two comparisons: no sort of the whole tensor."""
+    if count <= 0:
+        return torch.empty(0, dtype=torch.long, device=scores.device)
+    values, indices = torch.topk(scores, count, sorted=False)
+    threshold = values.min()
+    if int((scores == threshold).sum()) == int((values == threshold).sum()):
+        return indices  # no tie crosses the boundary: topk's set is the answer
+    above = torch.nonzero(scores > threshold).flatten()
+    equal = torch.nonzero(scores == threshold).flatten()[: count - above.numel()]
+    return torch.cat([above, equal])
+
+
 def drop_and_grow(
     keep: Tensor, drop_scores: Tensor, grow_scores: Tensor, count: int
 ) -> tuple[Tensor, Tensor]:
@@ -114,20 +129,18 @@ def drop_and_grow(
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     flat = keep.reshape(-1)
-    active = int(flat.sum())
-    count = min(count, active)
-    new = flat.clone()
+    count = min(count, int(flat.sum()))
     if count == 0:
         return keep.clone(), torch.zeros_like(keep)
     for what, scores in (("drop", drop_scores), ("grow", grow_scores)):
         if torch.isnan(scores).any():
             raise ValueError(f"the {what} scores hold NaN")
-    drop = drop_scores.reshape(-1).float().masked_fill(~flat, math.inf)
-    order = torch.sort(drop, stable=True).indices[:count]
-    new[order] = False
+    new = flat.clone()
+    active = torch.nonzero(flat).flatten()  # in position order: ties keep their meaning
+    drop = drop_scores.reshape(-1)[active].float()
+    new[active[top_by_position(-drop, count)]] = False
     grow = grow_scores.reshape(-1).float().masked_fill(new, -math.inf)
-    order = torch.sort(grow, descending=True, stable=True).indices[:count]
-    new[order] = True
+    new[top_by_position(grow, count)] = True
     new = new.reshape(keep.shape)
     return new, new & ~keep
 
