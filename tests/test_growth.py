@@ -308,10 +308,24 @@ def test_a_damaged_state_file_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_top_by_position_matches_a_stable_sort(seed):
-    from winnow.schedules.growth import top_by_position
+    from winnow.core.ranking import top_by_position
 
     g = torch.Generator().manual_seed(seed)
     scores = torch.randint(0, 6, (200,), generator=g).float()  # many ties
     for count in (0, 1, 17, 100, 200):
         expected = sorted(range(200), key=lambda i: (-scores[i].item(), i))[:count]
         assert sorted(top_by_position(scores, count).tolist()) == sorted(expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lowest_mask_matches_a_stable_sort(seed):
+    from winnow.core.ranking import lowest_mask
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (20, 10), generator=g).float()  # many ties
+    flat = scores.flatten()
+    for count in (0, 1, 37, 100, 200):
+        expected = set(sorted(range(200), key=lambda i: (flat[i].item(), i))[:count])
+        assert (
+            set(torch.nonzero(lowest_mask(scores, count).flatten()).flatten().tolist()) == expected
+        )

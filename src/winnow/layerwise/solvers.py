@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from winnow.core.nm import Pattern, nm_select
+from winnow.core.ranking import lowest_mask
 
 DAMPING = 0.01
 """SparseGPT's damping: λ = 1% of the mean of diag(H)."""
@@ -154,10 +155,7 @@ def sparsegpt(
         if pattern is None:  # the block's share of the layer's exact count, rounded once
             cost = block.pow(2) / local_diag.pow(2)
             k = round((1.0 - density) * rows * end) - round((1.0 - density) * rows * start)
-            chosen = torch.sort(cost.flatten(), stable=True).indices[:k]
-            drop = torch.zeros(cost.numel(), dtype=torch.bool, device=w.device)
-            drop[chosen] = True
-            drop = drop.view_as(cost)
+            drop = lowest_mask(cost, k)  # ties by position, as a stable sort would
             scale = drop.to(dtype) / local_diag
         else:
             drop = torch.zeros_like(block, dtype=torch.bool)

@@ -49,6 +49,7 @@ from winnow.core.densities import check_density
 from winnow.core.distributions import DISTRIBUTIONS, layer_counts, layer_densities, sizes_of
 from winnow.core.masks import Masks
 from winnow.core.prunable import prunable_parameters, unwrap
+from winnow.core.ranking import top_by_position
 from winnow.schedules.density import Target
 from winnow.schedules.pruner import Pruner
 
@@ -100,21 +101,6 @@ class DropGrow:
 
     def iterations(self) -> list[int]:
         return [0, *range(self.update_every, self.end, self.update_every)]
-
-
-def top_by_position(scores: Tensor, count: int) -> Tensor:
-    """Flat indices of the ``count`` highest of ``scores`` (1-d), ties broken by position (the
-    earlier first): those above the count-th value, then the earliest equal to it. One
-    ``topk`` and two comparisons: no sort of the whole tensor."""
-    if count <= 0:
-        return torch.empty(0, dtype=torch.long, device=scores.device)
-    values, indices = torch.topk(scores, count, sorted=False)
-    threshold = values.min()
-    if int((scores == threshold).sum()) == int((values == threshold).sum()):
-        return indices  # no tie crosses the boundary: topk's set is the answer
-    above = torch.nonzero(scores > threshold).flatten()
-    equal = torch.nonzero(scores == threshold).flatten()[: count - above.numel()]
-    return torch.cat([above, equal])
 
 
 def drop_and_grow(
