@@ -14,6 +14,7 @@ three calibration seeds (magnitude needs no data: one run):
   tokens of verses from other books. Also the whole one-shot time and peak memory.
 
     python bench/oneshot.py lm | minilm | all [--seeds 0,1,2] [--threads 2]
+    python bench/oneshot.py minilm-cost   # the whole MiniLM one-shot alone: time, peak memory
 
 Writes ``bench/results/oneshot-<part>.md`` and ``.csv``.
 """
@@ -162,8 +163,10 @@ def _minilm_cost(bert, log) -> str:
         f"{hidden / 2**20:.1f} MiB (plus the block's own activations while it runs); the "
         f"largest Gram matrix {widest}x{widest} float64 = {widest**2 * 8 / 2**20:.1f} MiB; the "
         f"model {sum(p.numel() for p in bert.parameters()) * 4 / 2**20:.1f} MiB (copied once). "
-        f"Peak resident memory of this process grew by {(peak - before) / 1024:.0f} MiB during "
-        "the run (ru_maxrss; 0 when an earlier step had already peaked higher)."
+        f"Peak resident memory (ru_maxrss): {before / 1024:.0f} MiB before the run (model, "
+        f"tokenizer, calibration loaded), {peak / 1024:.0f} MiB after: "
+        f"+{(peak - before) / 1024:.0f} MiB (0 when an earlier step of this process had already peaked higher: run "
+        "`bench/oneshot.py minilm-cost` for it alone)."
     )
     log(line)
     return line
@@ -171,7 +174,7 @@ def _minilm_cost(bert, log) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=("lm", "minilm", "all"))
+    parser.add_argument("part", choices=("lm", "minilm", "all", "minilm-cost"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=65536)
@@ -183,6 +186,14 @@ def main() -> None:
         f"{args.threads}` — torch {torch.__version__}, {args.threads} threads, "
         f"{platform.machine()}, winnow.oneshot in sequential mode"
     )
+    if args.part == "minilm-cost":  # alone in a fresh process, so its peak memory is its own
+        import minilm
+
+        bert, _ = minilm.load_bert()
+        line = _minilm_cost(bert, print)
+        out = HERE / "results" / "oneshot-minilm-cost.txt"
+        out.write_text(f"{head}\n\n{line}\n")
+        return
     for part in ("lm", "minilm") if args.part == "all" else (args.part,):
         lines: list[str] = []
 
