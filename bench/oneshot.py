@@ -165,8 +165,8 @@ def _minilm_cost(bert, log) -> str:
         f"model {sum(p.numel() for p in bert.parameters()) * 4 / 2**20:.1f} MiB (copied once). "
         f"Peak resident memory (ru_maxrss): {before / 1024:.0f} MiB before the run (model, "
         f"tokenizer, calibration loaded), {peak / 1024:.0f} MiB after: "
-        f"+{(peak - before) / 1024:.0f} MiB (0 when an earlier step of this process had already peaked higher: run "
-        "`bench/oneshot.py minilm-cost` for it alone)."
+        f"+{(peak - before) / 1024:.0f} MiB (0 when an earlier step of this process had "
+        "already peaked higher: run `bench/oneshot.py minilm-cost` for it alone)."
     )
     log(line)
     return line
