@@ -11,8 +11,8 @@ as few bytes per kept weight as the gather allows:
   5 bytes a kept weight plus 4 per 256 columns of every row. Pays at middle densities (10-60%),
   where the chunk pointers are a small share.
 - ``nm``: an N:M pattern (``2:4``, ``4:8``): exactly N values of every group of M inputs, and
-  their positions in the group as one byte each, with no pointers at all: 5 bytes a kept
-  weight, 2.5 a weight at 2:4.
+  their columns as one-byte offsets within their chunk of 256, with no pointers at all (a
+  row's chunk holds exactly 256·N/M values): 5 bytes a kept weight, 2.5 a weight at 2:4.
 
 Every kernel runs its rows in parallel (numba's ``prange``; the ``serial`` variants run them in
 the calling thread, which wins on small layers where starting threads costs more than the
@@ -25,6 +25,7 @@ a kept weight multiplies are contiguous and vectorise). Outputs are written into
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,37 +34,57 @@ import numpy as np
 from numba import prange
 
 CHUNK = 256
-"""Columns per chunk of the ``chunk`` format (so an offset fits in one byte)."""
+"""Columns per chunk of the ``chunk`` and ``nm`` formats (so an offset fits in one byte)."""
 
-_OPTIONS = dict(cache=True, nogil=True, fastmath=True, boundscheck=False)
+_OPTIONS = dict(nogil=True, fastmath=True, boundscheck=False)
 
 
 def _compile(function):
-    """(serial, parallel) compiled versions of a kernel."""
-    return numba.njit(**_OPTIONS)(function), numba.njit(parallel=True, **_OPTIONS)(function)
+    """(serial, parallel) compiled versions of a kernel. The parallel one is compiled from a
+    copy with its own qualified name: numba's on-disk cache keys on the name, and would hand
+    the serial machine code to the parallel dispatcher."""
+    twin = types.FunctionType(function.__code__, function.__globals__, function.__name__)
+    twin.__qualname__ = function.__qualname__ + "_parallel"
+    serial = numba.njit(cache=True, **_OPTIONS)(function)
+    return serial, numba.njit(parallel=True, cache=True, **_OPTIONS)(twin)
+
+
+# The inner loops run over slices from 0 to their size: with a row's bounds from ``ptr`` as
+# the loop's range instead, LLVM did not vectorise the gather (measured 5x slower).
+@numba.njit(inline="always", **_OPTIONS)
+def _dot(vals, index, x):
+    """Σ_k vals[k] · x[index[k]]."""
+    acc = np.float32(0.0)
+    for k in range(vals.size):
+        acc += vals[k] * x[index[k]]
+    return acc
+
+
+@numba.njit(inline="always", **_OPTIONS)
+def _axpy(vals, index, xt, out):
+    """out += Σ_k vals[k] · xt[index[k], :] (a row of the transposed input per kept weight)."""
+    width = out.size
+    for k in range(vals.size):
+        v = vals[k]
+        row = xt[index[k]]
+        for b in range(width):
+            out[b] += v * row[b]
 
 
 # -- csr ------------------------------------------------------------------------------------
 def _csr_vector(ptr, cols, vals, x, bias, y):
     v = x[0]
     for r in prange(y.shape[1]):
-        acc = np.float32(0.0)
-        for k in range(ptr[r], ptr[r + 1]):
-            acc += vals[k] * v[cols[k]]
-        y[0, r] = acc + bias[r]
+        s, e = ptr[r], ptr[r + 1]
+        y[0, r] = _dot(vals[s:e], cols[s:e], v) + bias[r]
 
 
 def _csr_batch(ptr, cols, vals, xt, bias, yt):
-    batch = xt.shape[1]
     for r in prange(yt.shape[0]):
         out = yt[r]
-        for b in range(batch):
-            out[b] = bias[r]
-        for k in range(ptr[r], ptr[r + 1]):
-            v = vals[k]
-            row = xt[cols[k]]
-            for b in range(batch):
-                out[b] += v * row[b]
+        out[:] = bias[r]
+        s, e = ptr[r], ptr[r + 1]
+        _axpy(vals[s:e], cols[s:e], xt, out)
 
 
 # -- chunk ----------------------------------------------------------------------------------
@@ -73,55 +94,45 @@ def _chunk_vector(ptr, offsets, vals, chunks, x, bias, y):
         acc = np.float32(0.0)
         first = r * chunks
         for c in range(chunks):
-            base = c * 256
-            for k in range(ptr[first + c], ptr[first + c + 1]):
-                acc += vals[k] * v[base + offsets[k]]
+            s, e = ptr[first + c], ptr[first + c + 1]
+            acc += _dot(vals[s:e], offsets[s:e], v[c * 256 : (c + 1) * 256])
         y[0, r] = acc + bias[r]
 
 
 def _chunk_batch(ptr, offsets, vals, chunks, xt, bias, yt):
-    batch = xt.shape[1]
     for r in prange(yt.shape[0]):
         out = yt[r]
-        for b in range(batch):
-            out[b] = bias[r]
+        out[:] = bias[r]
         first = r * chunks
         for c in range(chunks):
-            base = c * 256
-            for k in range(ptr[first + c], ptr[first + c + 1]):
-                v = vals[k]
-                row = xt[base + offsets[k]]
-                for b in range(batch):
-                    out[b] += v * row[b]
+            s, e = ptr[first + c], ptr[first + c + 1]
+            _axpy(vals[s:e], offsets[s:e], xt[c * 256 : (c + 1) * 256], out)
 
 
 # -- n:m ------------------------------------------------------------------------------------
-def _nm_vector(positions, vals, m, x, bias, y):
-    groups, n = vals.shape[1], vals.shape[2]
+# A row keeps exactly ``per_chunk`` = 256·n/m values per chunk of 256 inputs (the last chunk
+# in proportion), so no pointers are stored: chunk c's values are [c·per_chunk, ...).
+def _nm_vector(offsets, vals, per_chunk, x, bias, y):
     v = x[0]
+    kept = vals.shape[1]
     for r in prange(y.shape[1]):
         acc = np.float32(0.0)
-        for g in range(groups):
-            base = g * m
-            for j in range(n):
-                acc += vals[r, g, j] * v[base + positions[r, g, j]]
+        row_vals, row_offsets = vals[r], offsets[r]
+        for c in range((kept + per_chunk - 1) // per_chunk):
+            s, e = c * per_chunk, min(kept, (c + 1) * per_chunk)
+            acc += _dot(row_vals[s:e], row_offsets[s:e], v[c * 256 : (c + 1) * 256])
         y[0, r] = acc + bias[r]
 
 
-def _nm_batch(positions, vals, m, xt, bias, yt):
-    groups, n = vals.shape[1], vals.shape[2]
-    batch = xt.shape[1]
+def _nm_batch(offsets, vals, per_chunk, xt, bias, yt):
+    kept = vals.shape[1]
     for r in prange(yt.shape[0]):
         out = yt[r]
-        for b in range(batch):
-            out[b] = bias[r]
-        for g in range(groups):
-            base = g * m
-            for j in range(n):
-                v = vals[r, g, j]
-                row = xt[base + positions[r, g, j]]
-                for b in range(batch):
-                    out[b] += v * row[b]
+        out[:] = bias[r]
+        row_vals, row_offsets = vals[r], offsets[r]
+        for c in range((kept + per_chunk - 1) // per_chunk):
+            s, e = c * per_chunk, min(kept, (c + 1) * per_chunk)
+            _axpy(row_vals[s:e], row_offsets[s:e], xt[c * 256 : (c + 1) * 256], out)
 
 
 CSR_VECTOR = _compile(_csr_vector)
@@ -141,6 +152,7 @@ class Packed:
     shape: tuple[int, int]
     arrays: dict[str, np.ndarray]
     m: int = 0
+    n: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -181,21 +193,25 @@ def pack_chunk(weight: np.ndarray) -> Packed:
 
 def pack_nm(weight: np.ndarray, n: int, m: int) -> Packed:
     """``nm`` of a 2-d float32 weight whose every group of ``m`` consecutive inputs holds at
-    most ``n`` non-zeros (``ValueError`` otherwise, or when m does not divide the inputs).
-    Groups with fewer keep zeros in the spare slots."""
+    most ``n`` non-zeros (``ValueError`` otherwise, or when m does not divide the inputs or
+    256). Each group stores exactly n values (a group with fewer keeps zeros in its spare
+    slots) and their columns as one-byte offsets within their chunk of 256 inputs."""
     out, cols = weight.shape
-    if cols % m:
-        raise ValueError(f"{m} does not divide the {cols} inputs of a {n}:{m} layer")
+    if cols % m or CHUNK % m:
+        raise ValueError(f"{m} must divide the {cols} inputs and {CHUNK} for a {n}:{m} layer")
     groups = weight.reshape(out, cols // m, m)
     nonzero = groups != 0
     if int(nonzero.sum(axis=2).max(initial=0)) > n:
         raise ValueError(f"the weight keeps more than {n} of {m} in some group")
     # stable order: non-zeros first, in position order; then the spare zero slots
     order = np.argsort(~nonzero, axis=2, kind="stable")[:, :, :n]
-    vals = np.take_along_axis(groups, order, axis=2).astype(np.float32)
+    vals = np.take_along_axis(groups, order, axis=2).astype(np.float32).reshape(out, -1)
+    columns = order + (np.arange(cols // m) * m)[None, :, None]
+    offsets = (columns % CHUNK).astype(np.uint8).reshape(out, -1)
     return Packed(
         "nm", (out, cols),
-        {"positions": order.astype(np.uint8), "vals": np.ascontiguousarray(vals)}, m=m,
+        {"offsets": np.ascontiguousarray(offsets), "vals": np.ascontiguousarray(vals)},
+        m=m, n=n,
     )  # fmt: skip
 
 
@@ -222,7 +238,8 @@ def bind(packed: Packed, parallel: bool) -> tuple[Callable, Callable, tuple]:
         chunks = max(1, math.ceil(packed.shape[1] / CHUNK))
         args = (a["ptr"], a["offsets"], a["vals"], chunks)
         return CHUNK_VECTOR[which], CHUNK_BATCH[which], args
-    return NM_VECTOR[which], NM_BATCH[which], (a["positions"], a["vals"], packed.m)
+    per_chunk = CHUNK * packed.n // packed.m
+    return NM_VECTOR[which], NM_BATCH[which], (a["offsets"], a["vals"], per_chunk)
 
 
 def multiply(packed: Packed, x: np.ndarray, bias: np.ndarray, parallel: bool) -> np.ndarray:

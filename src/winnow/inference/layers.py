@@ -119,7 +119,8 @@ class SparseLinear(nn.Module):
             if name.startswith("packed_")
         }
         fmt = self.options["format"]
-        return kernels.Packed(fmt, (self.out_features, self.in_features), arrays, self.pattern[1])
+        shape = (self.out_features, self.in_features)
+        return kernels.Packed(fmt, shape, arrays, m=self.pattern[1], n=self.pattern[0])
 
     def _torch_sparse(self) -> Tensor:
         if self._sparse is None or self._sparse.device != self.weight.device:
@@ -151,10 +152,11 @@ class SparseLinear(nn.Module):
             segment = np.repeat(np.arange(out * chunks), np.diff(a["ptr"]))
             rows, chunk = segment // chunks, segment % chunks
             dense[rows, chunk * kernels.CHUNK + a["offsets"].astype(np.int64)] = a["vals"]
-        else:
-            m = packed.m
-            groups = dense.reshape(out, cols // m, m)
-            np.put_along_axis(groups, a["positions"].astype(np.int64), a["vals"], axis=2)
+        else:  # kept entry t of a row is in group t // n, at its chunk's start + its offset
+            t = np.arange(a["vals"].shape[1])
+            chunk_start = (t // packed.n) * packed.m // kernels.CHUNK * kernels.CHUNK
+            columns = chunk_start[None, :] + a["offsets"].astype(np.int64)
+            np.put_along_axis(dense, columns, a["vals"], axis=1)
         return torch.from_numpy(dense)
 
     def _apply(self, fn, recurse=True):
