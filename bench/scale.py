@@ -1,0 +1,174 @@
+"""Scaling out on this machine (issue 16): sweeps on several workers, Ray's overhead per run,
+and a data-parallel training step.
+
+    python bench/scale.py [--runs 12] [--epochs 1]
+
+1. An at-init sweep of ``--runs`` short LeNet-300-100 runs (Fashion-MNIST, 1 epoch each,
+   magnitude/SNIP/random at 10/5% and seeds) into a fresh store, four ways in this one run:
+   1 worker × 1 thread (serial, in this process; the reference), 1 worker × 2 threads, 2 workers × 1 thread
+   on local processes, and 2 workers × 1 thread on Ray (its start included). Wall times, and
+   the speedup of 2 × 1 over 1 × 1. The records of every way are checked equal to the serial
+   one.
+2. Ray's overhead per run: with Ray already started, 12 runs of 1 training step each on 2
+   workers; overhead = (wall · workers − the same runs' serial wall) / runs: scheduling,
+   the task's start, and the result's way back, per run.
+3. DDP: 200 steps of LeNet-300-100 with 2 gloo processes × batch B/2 (1 thread each) against
+   1 process × batch B (1 thread), time per step after a warm-up (``winnow.train`` both).
+
+Writes ``bench/results/scale.txt``. Run it with nothing else running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+from winnow import TrainConfig  # noqa: E402
+from winnow.experiments import at_init  # noqa: E402
+from winnow.experiments.parallel import Parallel  # noqa: E402
+from winnow.experiments.store import RunStore  # noqa: E402
+
+
+def sweep_configs(runs: int, epochs: float, iterations: int | None = None):
+    train = TrainConfig(iterations=iterations) if iterations else TrainConfig(epochs=epochs)
+    configs = at_init.sweep(
+        methods=("magnitude", "snip", "random"), densities=(0.1, 0.05), seeds=(0, 1),
+        controls=("none",), model="lenet300", data="fashion-mnist", train=train,
+        keep_weights=False,
+    )  # fmt: skip
+    configs = [c for c in configs if c.method != "dense"]
+    return configs[:runs]
+
+
+def records(root: Path) -> dict:
+    rows = RunStore(root).records("at-init")
+    return {(r["run_id"], r["kind"], r["step"]): {k: v for k, v in r.items() if "seconds" not in k}
+            for r in rows}  # fmt: skip
+
+
+def timed_sweep(
+    configs, parallel: Parallel | None, threads: int | None = None
+) -> tuple[float, Path]:
+    root = Path(tempfile.mkdtemp(prefix="winnow-scale-"))
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        started = time.perf_counter()
+        _, summary = at_init.EXPERIMENT_SPEC.run(root, configs, False, parallel)
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous)
+    if summary.failed:
+        raise RuntimeError(f"runs failed: {summary.failed}")
+    return seconds, root
+
+
+def _ddp_worker(steps: int, batch: int, out: str) -> None:
+    import winnow
+    from winnow import data, models
+
+    torch.set_num_threads(1)
+    splits = data.load("fashion-mnist", seed=0)
+    model = models.create_for("lenet300", splits, seed=0)
+    times = {}
+
+    class Clock(winnow.training.Callback):
+        def after_step(self, iteration, model):
+            if iteration == 20:
+                times["start"] = time.perf_counter()
+            if iteration == steps:
+                times["end"] = time.perf_counter()
+
+    config = TrainConfig(iterations=steps, batch_size=batch, eval_every=steps)
+    winnow.train(model, splits, config, callbacks=[Clock()], eval_splits={})
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(out).write_text(str((times["end"] - times["start"]) / (steps - 20)))
+
+
+def ddp_part(log, steps: int = 200, batch: int = 120) -> None:
+    from winnow.distributed import launch
+
+    out = Path(tempfile.mkdtemp()) / "t"
+    _ddp_worker(steps, batch, str(out))
+    single = float(out.read_text())
+    launch(_ddp_worker, 2, (steps, batch, str(out)))
+    double = float(out.read_text())
+    log(f"DDP LeNet-300-100, global batch {batch}: 1 process x batch {batch}: "
+        f"{1e3 * single:.2f} ms/step; 2 gloo processes x batch {batch // 2}: "
+        f"{1e3 * double:.2f} ms/step ({single / double:.2f}x)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=12)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    args = parser.parse_args()
+    lines = [
+        f"# .venv/bin/python bench/scale.py --runs {args.runs} --epochs {args.epochs:g}",
+        f"# torch {torch.__version__}, {os.cpu_count()} cores, {platform.machine()}; "
+        "nothing else running",
+    ]
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    for line in lines:
+        print(line)
+    configs = sweep_configs(args.runs, args.epochs)
+    log(f"at-init sweep: {len(configs)} LeNet-300-100 runs on Fashion-MNIST, "
+        f"{args.epochs:g} epoch(s) each")  # fmt: skip
+    ways = {  # the first is the reference the others' records are compared with
+        "1 worker x 1 thread": (None, 1),
+        "1 worker x 2 threads": (None, 2),
+        "2 workers x 1 thread (processes)": (Parallel(workers=2, threads_per_run=1), None),
+        "2 workers x 1 thread (Ray, start included)": (
+            Parallel(workers=2, engine="ray", threads_per_run=1), None),
+    }  # fmt: skip
+    walls, reference = {}, None
+    for name, (parallel, threads) in ways.items():
+        seconds, root = timed_sweep(configs, parallel, threads)
+        walls[name] = seconds
+        found = records(root)
+        if reference is None:
+            reference = found
+        same = "records equal to 1 x 1's" if found == reference else "records differ from 1 x 1's"
+        log(f"  {name:<44} {seconds:7.1f} s  ({same})")
+        shutil.rmtree(root, ignore_errors=True)
+    speedup = walls["1 worker x 1 thread"] / walls["2 workers x 1 thread (processes)"]
+    ray_speedup = walls["1 worker x 1 thread"] / walls["2 workers x 1 thread (Ray, start included)"]
+    log(f"  speedup of 2 workers x 1 thread over 1 x 1: {speedup:.2f}x on processes, "
+        f"{ray_speedup:.2f}x on Ray")  # fmt: skip
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tiny = sweep_configs(12, args.epochs, iterations=1)
+        serial, root = timed_sweep(tiny, None, 1)
+        shutil.rmtree(root, ignore_errors=True)
+        timed_sweep(tiny, Parallel(workers=2, engine="ray", threads_per_run=1))  # warm workers
+        on_ray, root = timed_sweep(tiny, Parallel(workers=2, engine="ray", threads_per_run=1))
+        shutil.rmtree(root, ignore_errors=True)
+        overhead = (on_ray * 2 - serial) / len(tiny)
+        log(f"Ray overhead per run (12 runs of 1 step, Ray started, 2 workers): serial "
+            f"{serial:.2f} s, Ray {on_ray:.2f} s -> {overhead:.3f} s per run")  # fmt: skip
+    finally:
+        ray.shutdown()
+    ddp_part(log)
+    (HERE / "results" / "scale.txt").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
