@@ -5,8 +5,9 @@ and a data-parallel training step.
 
 1. An at-init sweep of ``--runs`` short LeNet-300-100 runs (Fashion-MNIST, 1 epoch each,
    magnitude/SNIP/random at 10/5% and seeds) into a fresh store, four ways in this one run:
-   1 worker × 1 thread (serial, in this process; the reference), 1 worker × 2 threads, 2 workers × 1 thread
-   on local processes, and 2 workers × 1 thread on Ray (its start included). Wall times, and
+   1 worker × 1 thread (serial, in this process; the reference), 1 worker × 2 threads,
+   2 workers × 1 thread on local processes, and 2 workers × 1 thread on Ray (its start
+   included). Wall times, and
    the speedup of 2 × 1 over 1 × 1. The records of every way are checked equal to the serial
    one.
 2. Ray's overhead per run: with Ray already started, 12 runs of 1 training step each on 2
