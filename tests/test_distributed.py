@@ -75,6 +75,7 @@ def _equality_runs():
         ("sgd", SGD, False, N),
         ("adam-masked", ADAM, True, N),
         ("last-batch-of-one", dataclasses.replace(SGD, iterations=5), False, 65),
+        ("adam-masked-50-steps", dataclasses.replace(ADAM, iterations=50, eval_every=25), True, N),
     ]
 
 
@@ -85,6 +86,12 @@ def _train_dense_or_masked(
     masks = _masks(unwrap(model)) if masked else None
     result = train(model, _data(n), config, masks, eval_splits={"all": _data(n)})
     return unwrap(model), result
+
+
+def _pruning_config(optimizer: str) -> TrainConfig:
+    return TrainConfig(
+        iterations=12, batch_size=16, optimizer=optimizer, lr=0.05, momentum=0.9, eval_every=6
+    )
 
 
 class ZerosStay(Callback):
@@ -157,11 +164,7 @@ def _scenarios(out: Path) -> None:
     for name, (make, optimizer) in pruners.items():
         model, pruner = _model(), make()
         watch = ZerosStay(pruner)
-        config = TrainConfig(
-            iterations=12, batch_size=16, optimizer=optimizer, lr=0.05, momentum=0.9,
-            eval_every=6,
-        )  # fmt: skip
-        result = train(model, _data(), config, pruner=pruner, callbacks=[watch])
+        result = train(model, _data(), _pruning_config(optimizer), pruner=pruner, callbacks=[watch])
         saved[name] = {
             "weights": model.state_dict(), "masks": dict(result.masks), "ok": watch.ok,
             "steps": watch.steps, "history": result.history,
@@ -460,3 +463,22 @@ def test_cli_nproc_with_an_indivisible_batch_is_one_line(capsys):
     )  # fmt: skip
     assert status == 2
     assert "divisible by --nproc 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_gradual_pruning_under_ddp_gives_the_single_process_masks(job, optimizer):
+    from winnow.schedules import GradualPruner
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        pruner = GradualPruner(0.8, 2, 10, 2, scope="layer")
+        result = train(model, _data(), _pruning_config(optimizer), pruner=pruner)
+    finally:
+        torch.set_num_threads(threads)
+    ranks = job[0][f"gradual-{optimizer}"]
+    for key, keep in result.masks.items():
+        assert torch.equal(ranks["masks"][key], keep), key
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ranks["weights"][key], value, atol=1e-5, rtol=0)
