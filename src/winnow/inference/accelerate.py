@@ -223,9 +223,10 @@ def _tune(name, weight, bias, x, margin, budget, allowed):
             continue  # not supported here (a torch build without BSR on CPU, ...)
         layers[kernel] = layer
     times = _time({k: (lambda layer=layer: layer(x)) for k, layer in layers.items()}, budget)
-    best = min(times, key=times.get)
-    if times[best] >= margin * times["dense"]:
-        best = "dense"
+    sparse = {k: t for k, t in times.items() if k != "dense"}
+    best = min(sparse, key=sparse.get) if sparse else "dense"
+    if best != "dense" and not times[best] < margin * times["dense"]:
+        best = "dense"  # no kernel beats dense by the margin
     used = pattern if best.startswith("nm") else (0, 0)
     choice = LayerChoice(
         name, tuple(weight.shape), density, best, 1e6 * times["dense"], 1e6 * times[best],
