@@ -132,7 +132,7 @@ def test_the_tuner_keeps_dense_when_no_kernel_is_faster():
     assert all(isinstance(m, nn.Linear) for m in fast if not isinstance(m, nn.ReLU))
 
 
-def test_pointwise_convolution_and_gpt2_conv1d():
+def test_pointwise_convolution_and_gpt2_conv1d(tmp_path):
     transformers = pytest.importorskip("transformers")
     conv = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 8, 3))
     with torch.no_grad():
@@ -143,6 +143,10 @@ def test_pointwise_convolution_and_gpt2_conv1d():
     assert set(choices(fast)) == {"0"}  # the 3x3 convolution stays as it is
     with torch.no_grad():
         close(fast(x), conv(x))
+    save_accelerated(fast, tmp_path / "conv.sparse")
+    again = load_accelerated(conv, tmp_path / "conv.sparse")  # strict: the original keys
+    with torch.no_grad():
+        assert torch.equal(again(x), fast(x))
 
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)
     torch.manual_seed(0)
@@ -153,6 +157,10 @@ def test_pointwise_convolution_and_gpt2_conv1d():
     assert any(c.kernel == "csr-serial" for c in choices(fast).values())
     with torch.no_grad():
         close(fast(ids).logits, result.model(ids).logits)
+    save_accelerated(fast, tmp_path / "gpt.sparse")
+    again = load_accelerated(gpt, tmp_path / "gpt.sparse")  # Conv1D weights back as (in, out)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, fast(ids).logits)
 
 
 def test_command_line_accelerates_a_zoo_model_and_an_hf_directory(tmp_path, capsys):

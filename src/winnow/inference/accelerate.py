@@ -261,29 +261,23 @@ def table(model: nn.Module) -> str:
 
 # -- files ------------------------------------------------------------------------------------
 def _dense_state(model: nn.Module) -> dict[str, Tensor]:
-    """The state_dict the original model would have: accelerated layers' masked weights back
-    under their own names."""
-    state = {}
-    for key, value in model.state_dict().items():
-        state[key] = value
+    """The state_dict the original model would have: each accelerated layer's buffers replaced
+    by its masked dense weight (and bias) under the original layer's names."""
+    replaced: dict[str, SparseLinear | SparseConv1x1] = {}
     for name, module in model.named_modules():
-        if isinstance(module, SparseConv1x1):
-            module, weight = module.linear, module.dense_weight()
-            prefix = name
-        elif isinstance(module, SparseLinear):
-            weight, prefix = module.dense_weight(), name
-        else:
-            continue
-        for key in list(state):
-            if key.startswith(prefix + ".") and key[len(prefix) + 1 :].split(".")[-1].startswith(
-                "packed_"
-            ):
-                del state[key]
-            if key == f"{prefix}.weight" or key == f"{prefix}.linear.weight":
-                del state[key]
-        if f"{prefix}.linear.bias" in state:
-            state[f"{prefix}.bias"] = state.pop(f"{prefix}.linear.bias")
-        state[f"{prefix}.weight"] = weight
+        inside = any(name.startswith(f"{outer}.") for outer in replaced)
+        if isinstance(module, (SparseLinear, SparseConv1x1)) and not inside:
+            replaced[name] = module
+    state = {
+        key: value
+        for key, value in model.state_dict().items()
+        if not any(key.startswith(f"{prefix}.") for prefix in replaced)
+    }
+    for prefix, module in replaced.items():
+        linear = module.linear if isinstance(module, SparseConv1x1) else module
+        state[f"{prefix}.weight"] = module.dense_weight()
+        if linear.bias is not None:
+            state[f"{prefix}.bias"] = linear.bias.detach()
     return state
 
 
