@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,28 +33,15 @@ sys.path.insert(0, str(HERE))
 import winnow  # noqa: E402
 from winnow.core.nm import nm_select  # noqa: E402
 from winnow.inference import SparseLinear, accelerate, choices  # noqa: E402
-from winnow.inference.accelerate import BSR_BLOCKS  # noqa: E402
+from winnow.inference.accelerate import BSR_BLOCKS, interleaved_medians  # noqa: E402
 
 OWN = [f"{f}-{p}" for f in ("csr", "chunk") for p in ("serial", "parallel")]
 
 
 def medians(functions: dict, rounds: int, seconds: float = 0.02) -> dict[str, float]:
-    """Median seconds per call, each function timed once per round, rounds interleaved."""
-    for f in functions.values():
-        f()
-        f()
-    times: dict[str, list[float]] = {k: [] for k in functions}
-    for _ in range(rounds):
-        for key, f in functions.items():
-            calls, start = 0, time.perf_counter()
-            while True:
-                f()
-                calls += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds and calls >= 3:
-                    break
-            times[key].append(elapsed / calls)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds per call, each function timed once per round, rounds interleaved (the
+    tuner's own timing, :func:`winnow.inference.accelerate.interleaved_medians`)."""
+    return interleaved_medians(functions, rounds, seconds)
 
 
 def copy_bandwidth() -> float:

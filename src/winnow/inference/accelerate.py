@@ -42,6 +42,8 @@ from winnow.inputs import call
 
 BSR_BLOCKS = (4, 8, 16, 32)
 PATTERNS = ((2, 4), (4, 8))
+ROUNDS = 7
+"""Interleaved timing rounds per layer (the budget is shared among them and the candidates)."""
 
 
 @dataclass
@@ -88,13 +90,16 @@ def _pattern(weight: Tensor) -> tuple[int, int]:
     return 0, 0
 
 
-def _time(functions: Mapping[str, Callable[[], Any]], budget: float, rounds: int = 7) -> dict:
-    """Median seconds per call of each function, timed in interleaved rounds."""
-    for function in functions.values():  # warm-up: compilation, caches, thread start
+def interleaved_medians(
+    functions: Mapping[str, Callable[[], Any]], rounds: int = 7, seconds: float = 0.01
+) -> dict[str, float]:
+    """Median seconds per call of each function: after two warm-up calls each (compilation,
+    caches, thread start), ``rounds`` rounds in which every function runs for at least
+    ``seconds`` and 3 calls, so a slow moment of the machine hits them alike."""
+    for function in functions.values():
         function()
         function()
     times: dict[str, list[float]] = {k: [] for k in functions}
-    per_round = budget / rounds / max(1, len(functions))
     for _ in range(rounds):
         for key, function in functions.items():
             calls, start = 0, time.perf_counter()
@@ -102,7 +107,7 @@ def _time(functions: Mapping[str, Callable[[], Any]], budget: float, rounds: int
                 function()
                 calls += 1
                 elapsed = time.perf_counter() - start
-                if elapsed >= per_round and calls >= 3:
+                if elapsed >= seconds and calls >= 3:
                     break
             times[key].append(elapsed / calls)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -222,7 +227,8 @@ def _tune(name, weight, bias, x, margin, budget, allowed):
         except (RuntimeError, ValueError, NotImplementedError, AssertionError):
             continue  # not supported here (a torch build without BSR on CPU, ...)
         layers[kernel] = layer
-    times = _time({k: (lambda layer=layer: layer(x)) for k, layer in layers.items()}, budget)
+    calls = {k: (lambda layer=layer: layer(x)) for k, layer in layers.items()}
+    times = interleaved_medians(calls, ROUNDS, budget / ROUNDS / len(calls))
     sparse = {k: t for k, t in times.items() if k != "dense"}
     best = min(sparse, key=sparse.get) if sparse else "dense"
     if best != "dense" and not times[best] < margin * times["dense"]:

@@ -154,11 +154,6 @@ class Packed:
     m: int = 0
     n: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes the product reads from the weight (values and indices)."""
-        return sum(a.nbytes for a in self.arrays.values())
-
 
 def pack_csr(weight: np.ndarray) -> Packed:
     """``csr`` of a 2-d float32 weight (zeros are the pruned entries)."""
@@ -240,16 +235,3 @@ def bind(packed: Packed, parallel: bool) -> tuple[Callable, Callable, tuple]:
         return CHUNK_VECTOR[which], CHUNK_BATCH[which], args
     per_chunk = CHUNK * packed.n // packed.m
     return NM_VECTOR[which], NM_BATCH[which], (a["offsets"], a["vals"], per_chunk)
-
-
-def multiply(packed: Packed, x: np.ndarray, bias: np.ndarray, parallel: bool) -> np.ndarray:
-    """x (B, inputs) float32, C-contiguous -> y (B, outputs) float32 = x·Wᵀ + bias."""
-    vector, batch, args = bind(packed, parallel)
-    out = packed.shape[0]
-    if x.shape[0] == 1:
-        y = np.empty((1, out), dtype=np.float32)
-        vector(*args, x, bias, y)
-        return y
-    yt = np.empty((out, x.shape[0]), dtype=np.float32)
-    batch(*args, np.ascontiguousarray(x.T), bias, yt)
-    return yt.T
