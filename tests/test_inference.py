@@ -40,7 +40,7 @@ def close(actual, expected):
 @pytest.mark.parametrize("kernel", ALL)
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("shape", [(24, 40), (7, 300), (64, 520)])
-@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("batch", [1, 5, 17, 35])  # 17, 35: tiles of 16, a rest of 1 and of 3
 def test_every_kernel_equals_dense(kernel, density, shape, batch):
     weight = pruned_weight(*shape, density)
     bias = torch.randn(shape[0])
@@ -57,7 +57,7 @@ def test_every_kernel_equals_dense(kernel, density, shape, batch):
 
 @pytest.mark.parametrize("pattern", [(2, 4), (4, 8), (1, 4)])
 @pytest.mark.parametrize("parallel", ["serial", "parallel"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 24])
 def test_nm_kernel_equals_dense(pattern, parallel, batch):
     n, m = pattern
     g = torch.Generator().manual_seed(1)

@@ -17,9 +17,9 @@ as few bytes per kept weight as the gather allows:
 Every kernel runs its rows in parallel (numba's ``prange``; the ``serial`` variants run them in
 the calling thread, which wins on small layers where starting threads costs more than the
 product), accumulates in float32 with reassociation allowed (``fastmath``: the order of the
-additions differs from a dense product, within float32 rounding), and takes the input as
-``x`` (batch 1: a vector) or ``xt`` (batch B: the transposed input, inputs × B, so the B values
-a kept weight multiplies are contiguous and vectorise). Outputs are written into ``y``.
+additions differs from a dense product, within float32 rounding), takes the input as ``x``
+(batch 1: a vector) and writes the outputs into ``y``. Larger batches go through
+:mod:`winnow.inference.tiled`, on the same packed arrays.
 """
 
 from __future__ import annotations
@@ -60,31 +60,12 @@ def _dot(vals, index, x):
     return acc
 
 
-@numba.njit(inline="always", **_OPTIONS)
-def _axpy(vals, index, xt, out):
-    """out += Σ_k vals[k] · xt[index[k], :] (a row of the transposed input per kept weight)."""
-    width = out.size
-    for k in range(vals.size):
-        v = vals[k]
-        row = xt[index[k]]
-        for b in range(width):
-            out[b] += v * row[b]
-
-
 # -- csr ------------------------------------------------------------------------------------
 def _csr_vector(ptr, cols, vals, x, bias, y):
     v = x[0]
     for r in prange(y.shape[1]):
         s, e = ptr[r], ptr[r + 1]
         y[0, r] = _dot(vals[s:e], cols[s:e], v) + bias[r]
-
-
-def _csr_batch(ptr, cols, vals, xt, bias, yt):
-    for r in prange(yt.shape[0]):
-        out = yt[r]
-        out[:] = bias[r]
-        s, e = ptr[r], ptr[r + 1]
-        _axpy(vals[s:e], cols[s:e], xt, out)
 
 
 # -- chunk ----------------------------------------------------------------------------------
@@ -97,16 +78,6 @@ def _chunk_vector(ptr, offsets, vals, chunks, x, bias, y):
             s, e = ptr[first + c], ptr[first + c + 1]
             acc += _dot(vals[s:e], offsets[s:e], v[c * 256 : (c + 1) * 256])
         y[0, r] = acc + bias[r]
-
-
-def _chunk_batch(ptr, offsets, vals, chunks, xt, bias, yt):
-    for r in prange(yt.shape[0]):
-        out = yt[r]
-        out[:] = bias[r]
-        first = r * chunks
-        for c in range(chunks):
-            s, e = ptr[first + c], ptr[first + c + 1]
-            _axpy(vals[s:e], offsets[s:e], xt[c * 256 : (c + 1) * 256], out)
 
 
 # -- n:m ------------------------------------------------------------------------------------
@@ -124,23 +95,9 @@ def _nm_vector(offsets, vals, per_chunk, x, bias, y):
         y[0, r] = acc + bias[r]
 
 
-def _nm_batch(offsets, vals, per_chunk, xt, bias, yt):
-    kept = vals.shape[1]
-    for r in prange(yt.shape[0]):
-        out = yt[r]
-        out[:] = bias[r]
-        row_vals, row_offsets = vals[r], offsets[r]
-        for c in range((kept + per_chunk - 1) // per_chunk):
-            s, e = c * per_chunk, min(kept, (c + 1) * per_chunk)
-            _axpy(row_vals[s:e], row_offsets[s:e], xt[c * 256 : (c + 1) * 256], out)
-
-
 CSR_VECTOR = _compile(_csr_vector)
-CSR_BATCH = _compile(_csr_batch)
 CHUNK_VECTOR = _compile(_chunk_vector)
-CHUNK_BATCH = _compile(_chunk_batch)
 NM_VECTOR = _compile(_nm_vector)
-NM_BATCH = _compile(_nm_batch)
 
 
 # -- packing ----------------------------------------------------------------------------------
@@ -221,17 +178,16 @@ def pack(weight: np.ndarray, format: str, n: int = 0, m: int = 0) -> Packed:
     raise ValueError(f"unknown kernel format {format!r}; choose one of csr, chunk, nm")
 
 
-def bind(packed: Packed, parallel: bool) -> tuple[Callable, Callable, tuple]:
-    """(vector kernel, batch kernel, their leading arguments) for ``packed``: the product is
-    ``vector(*args, x, bias, y)`` at batch 1 (x: 1 × inputs, y: 1 × outputs) and
-    ``batch(*args, xt, bias, yt)`` otherwise."""
+def bind(packed: Packed, parallel: bool) -> tuple[Callable, tuple]:
+    """(batch-1 kernel, its leading arguments) for ``packed``: the product is
+    ``vector(*args, x, bias, y)`` (x: 1 × inputs, y: 1 × outputs); the same arguments serve
+    the kernels of larger batches (:mod:`winnow.inference.tiled`)."""
     which = 1 if parallel else 0
     a = packed.arrays
     if packed.format == "csr":
-        return CSR_VECTOR[which], CSR_BATCH[which], (a["ptr"], a["cols"], a["vals"])
+        return CSR_VECTOR[which], (a["ptr"], a["cols"], a["vals"])
     if packed.format == "chunk":
         chunks = max(1, math.ceil(packed.shape[1] / CHUNK))
-        args = (a["ptr"], a["offsets"], a["vals"], chunks)
-        return CHUNK_VECTOR[which], CHUNK_BATCH[which], args
+        return CHUNK_VECTOR[which], (a["ptr"], a["offsets"], a["vals"], chunks)
     per_chunk = CHUNK * packed.n // packed.m
-    return NM_VECTOR[which], NM_BATCH[which], (a["offsets"], a["vals"], per_chunk)
+    return NM_VECTOR[which], (a["offsets"], a["vals"], per_chunk)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from winnow.inference import kernels
+from winnow.inference import kernels, tiled
 
 OWN_FORMATS = ("csr", "chunk", "nm")
 
@@ -168,12 +168,14 @@ class SparseLinear(nn.Module):
         """The kernels and their arguments, on numpy views of the buffers (kept until the
         buffers move; loading a state_dict copies into them in place)."""
         if self._bound is None:
-            vector, batch, args = kernels.bind(self._packed(), self.options["parallel"])
+            parallel = self.options["parallel"]
+            vector, args = kernels.bind(self._packed(), parallel)
             if self.bias is not None:
                 bias = self.bias.detach().to(torch.float32).numpy()
             else:
                 bias = np.zeros(self.out_features, dtype=np.float32)
-            self._bound = (vector, batch, args, bias, self.options["parallel"])
+            batch = tiled.BatchProduct(self.options["format"], parallel, args, vector, bias)
+            self._bound = (vector, batch, args, bias, parallel)
         return self._bound
 
     def forward(self, x: Tensor) -> Tensor:
@@ -203,9 +205,7 @@ class SparseLinear(nn.Module):
             y = np.empty((1, self.out_features), dtype=np.float32)
             vector(*args, data, bias, y)
         else:
-            yt = np.empty((self.out_features, rows), dtype=np.float32)
-            batch(*args, np.ascontiguousarray(data.T), bias, yt)
-            y = yt.T
+            y = batch(data, self.out_features)
         out = torch.from_numpy(y)
         if x.dtype is not torch.float32:
             out = out.to(x.dtype)
