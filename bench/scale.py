@@ -25,6 +25,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -114,9 +115,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=1, help="times each way runs, alternating")
     args = parser.parse_args()
     lines = [
-        f"# .venv/bin/python bench/scale.py --runs {args.runs} --epochs {args.epochs:g}",
+        f"# .venv/bin/python bench/scale.py --runs {args.runs} --epochs {args.epochs:g} "
+        f"--repeat {args.repeat}",
         f"# torch {torch.__version__}, {os.cpu_count()} cores, {platform.machine()}; "
         "nothing else running",
     ]
@@ -137,20 +140,25 @@ def main() -> None:
         "2 workers x 1 thread (Ray, start included)": (
             Parallel(workers=2, engine="ray", threads_per_run=1), None),
     }  # fmt: skip
-    walls, reference = {}, None
-    for name, (parallel, threads) in ways.items():
-        seconds, root = timed_sweep(configs, parallel, threads)
-        walls[name] = seconds
-        found = records(root)
-        if reference is None:
-            reference = found
-        same = "records equal to 1 x 1's" if found == reference else "records differ from 1 x 1's"
-        log(f"  {name:<44} {seconds:7.1f} s  ({same})")
-        shutil.rmtree(root, ignore_errors=True)
-    speedup = walls["1 worker x 1 thread"] / walls["2 workers x 1 thread (processes)"]
-    ray_speedup = walls["1 worker x 1 thread"] / walls["2 workers x 1 thread (Ray, start included)"]
-    log(f"  speedup of 2 workers x 1 thread over 1 x 1: {speedup:.2f}x on processes, "
-        f"{ray_speedup:.2f}x on Ray")  # fmt: skip
+    walls: dict[str, list[float]] = {name: [] for name in ways}
+    reference = None
+    for repeat in range(args.repeat):  # the ways alternate, so a slow spell hits them all
+        for name, (parallel, threads) in ways.items():
+            seconds, root = timed_sweep(configs, parallel, threads)
+            walls[name].append(seconds)
+            found = records(root)
+            if reference is None:
+                reference = found
+            same = "records equal to 1 x 1's" if found == reference else "records differ"
+            log(f"  [{repeat + 1}] {name:<44} {seconds:7.1f} s  ({same})")
+            shutil.rmtree(root, ignore_errors=True)
+    serial = walls["1 worker x 1 thread"]
+    for engine, name in (("processes", "2 workers x 1 thread (processes)"),
+                         ("Ray", "2 workers x 1 thread (Ray, start included)")):  # fmt: skip
+        ratios = ", ".join(f"{a / b:.2f}x" for a, b in zip(serial, walls[name], strict=True))
+        medians = statistics.median(serial) / statistics.median(walls[name])
+        log(f"  speedup of 2 workers x 1 thread over 1 x 1 on {engine}: {ratios} (each "
+            f"repeat); {medians:.2f}x on the median walls")  # fmt: skip
 
     import ray
 

@@ -310,10 +310,16 @@ def _worker_main(conn: Any, env: dict[str, str]) -> None:
         try:
             task = conn.recv()
         except (EOFError, OSError):
-            return
+            task = None
         if task is None:
-            return
+            break
         conn.send(_run_task(task))
+    # Every run's results are in the store (or were sent back) by now: end at once rather than
+    # finalise an interpreter holding torch, which takes about a second the driver waits for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @dataclass
