@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -315,8 +316,11 @@ def _worker_main(conn: Any, env: dict[str, str]) -> None:
             break
         conn.send(_run_task(task))
     # Every run's results are in the store (or were sent back) by now: end at once rather than
-    # finalise an interpreter holding torch, which takes about a second the driver waits for.
+    # finalise an interpreter holding torch, which takes about a second the driver waits for,
+    # after what multiprocessing does when a process's target returns (its finalizers: the
+    # semaphores it registered, children).
     logging.shutdown()
+    multiprocessing.util._exit_function()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
