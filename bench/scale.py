@@ -1,18 +1,20 @@
 """Scaling out on this machine (issue 16): sweeps on several workers, Ray's overhead per run,
 and a data-parallel training step.
 
-    python bench/scale.py [--runs 12] [--epochs 1]
+    python bench/scale.py [--runs 12] [--epochs 1] [--repeat 1]
 
-1. An at-init sweep of ``--runs`` short LeNet-300-100 runs (Fashion-MNIST, 1 epoch each,
+1. An at-init sweep of ``--runs`` short LeNet-300-100 runs (Fashion-MNIST, ``--epochs`` each,
    magnitude/SNIP/random at 10/5% and seeds) into a fresh store, four ways in this one run:
    1 worker × 1 thread (serial, in this process; the reference), 1 worker × 2 threads,
    2 workers × 1 thread on local processes, and 2 workers × 1 thread on Ray (its start
-   included). Wall times, and
-   the speedup of 2 × 1 over 1 × 1. The records of every way are checked equal to the serial
-   one.
+   included); ``--repeat`` times, the ways in turn (ABBA order), so that a slow spell of the
+   machine hits every way. Wall times, the speedup of 2 × 1 over 1 × 1 in each repeat and on
+   the median walls, each way's mean training time per run (how much a run slows down when
+   another runs beside it), and the records of every way checked equal to the serial one.
 2. Ray's overhead per run: with Ray already started, 12 runs of 1 training step each on 2
-   workers; overhead = (wall · workers − the same runs' serial wall) / runs: scheduling,
-   the task's start, and the result's way back, per run.
+   workers (Ray's workers and this process warmed by the same runs first); overhead =
+   (wall · workers − the same runs' serial wall) / runs: scheduling, the task's start, and
+   the result's way back, per run.
 3. DDP: 200 steps of LeNet-300-100 with 2 gloo processes × batch B/2 (1 thread each) against
    1 process × batch B (1 thread), time per step after a warm-up (``winnow.train`` both).
 
@@ -22,6 +24,7 @@ Writes ``bench/results/scale.txt``. Run it with nothing else running.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import shutil
@@ -58,6 +61,23 @@ def records(root: Path) -> dict:
             for r in rows}  # fmt: skip
 
 
+def training_seconds(root: Path) -> list[float]:
+    """Each run's training time (``winnow.train``'s own clock): how much slower a run is when
+    another runs beside it."""
+    return [r["seconds"] for r in RunStore(root).records("at-init", kind="result")]
+
+
+def ways() -> dict[str, tuple[Parallel | None, int | None]]:
+    """The ways a sweep runs: (parallel engine or None for serial, torch threads if serial)."""
+    return {  # the first is the reference the others' records are compared with
+        "1 worker x 1 thread": (None, 1),
+        "1 worker x 2 threads": (None, 2),
+        "2 workers x 1 thread (processes)": (Parallel(workers=2, threads_per_run=1), None),
+        "2 workers x 1 thread (Ray, start included)": (
+            Parallel(workers=2, engine="ray", threads_per_run=1), None),
+    }  # fmt: skip
+
+
 def timed_sweep(
     configs, parallel: Parallel | None, threads: int | None = None
 ) -> tuple[float, Path]:
@@ -74,6 +94,25 @@ def timed_sweep(
     if summary.failed:
         raise RuntimeError(f"runs failed: {summary.failed}")
     return seconds, root
+
+
+def _one_way(conn, name: str, runs: int, epochs: float) -> None:
+    parallel, threads = ways()[name]
+    seconds, root = timed_sweep(sweep_configs(runs, epochs), parallel, threads)
+    conn.send((seconds, str(root)))
+
+
+def sweep_in_fresh_process(name: str, runs: int, epochs: float) -> tuple[float, Path]:
+    """:func:`timed_sweep` of the way ``name`` in a new process, as a user's command runs it:
+    what the first run of a process pays (loading the data, torch's lazy imports) is paid by
+    the serial way as by each worker, and no way finds a cache another way filled."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=_one_way, args=(theirs, name, runs, epochs))
+    process.start()
+    seconds, root = ours.recv()
+    process.join()
+    return seconds, Path(root)
 
 
 def _ddp_worker(steps: int, batch: int, out: str) -> None:
@@ -131,27 +170,25 @@ def main() -> None:
     for line in lines:
         print(line)
     configs = sweep_configs(args.runs, args.epochs)
-    log(f"at-init sweep: {len(configs)} LeNet-300-100 runs on Fashion-MNIST, "
-        f"{args.epochs:g} epoch(s) each")  # fmt: skip
-    ways = {  # the first is the reference the others' records are compared with
-        "1 worker x 1 thread": (None, 1),
-        "1 worker x 2 threads": (None, 2),
-        "2 workers x 1 thread (processes)": (Parallel(workers=2, threads_per_run=1), None),
-        "2 workers x 1 thread (Ray, start included)": (
-            Parallel(workers=2, engine="ray", threads_per_run=1), None),
-    }  # fmt: skip
-    walls: dict[str, list[float]] = {name: [] for name in ways}
-    reference = None
-    for repeat in range(args.repeat):  # the ways alternate, so a slow spell hits them all
-        for name, (parallel, threads) in ways.items():
-            seconds, root = timed_sweep(configs, parallel, threads)
+    log(f"at-init sweep: {len(configs)} LeNet-300-100 runs on Fashion-MNIST, {args.epochs:g} "
+        "epoch(s) each; each way in a fresh process")  # fmt: skip
+    names = list(ways())
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    trained: dict[str, list[float]] = {name: [] for name in names}
+    found: dict[str, dict] = {}
+    for repeat in range(args.repeat):  # the ways alternate (ABBA), so a slow spell hits them all
+        for name in names if repeat % 2 == 0 else reversed(names):
+            seconds, root = sweep_in_fresh_process(name, args.runs, args.epochs)
             walls[name].append(seconds)
-            found = records(root)
-            if reference is None:
-                reference = found
-            same = "records equal to 1 x 1's" if found == reference else "records differ"
-            log(f"  [{repeat + 1}] {name:<44} {seconds:7.1f} s  ({same})")
+            found[name] = records(root)
+            trained[name] += training_seconds(root)
+            log(f"  [{repeat + 1}] {name:<44} {seconds:7.1f} s")
             shutil.rmtree(root, ignore_errors=True)
+    reference = found["1 worker x 1 thread"]
+    for name in names:
+        same = "equal to" if found[name] == reference else "differ from"
+        log(f"  {name:<48} median {statistics.median(walls[name]):6.1f} s; records {same} "
+            f"1 x 1's; training {statistics.mean(trained[name]):.2f} s a run (mean)")  # fmt: skip
     serial = walls["1 worker x 1 thread"]
     for engine, name in (("processes", "2 workers x 1 thread (processes)"),
                          ("Ray", "2 workers x 1 thread (Ray, start included)")):  # fmt: skip
@@ -165,6 +202,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         tiny = sweep_configs(12, args.epochs, iterations=1)
+        shutil.rmtree(timed_sweep(tiny, None, 1)[1], ignore_errors=True)  # data loaded, imports
         serial, root = timed_sweep(tiny, None, 1)
         shutil.rmtree(root, ignore_errors=True)
         timed_sweep(tiny, Parallel(workers=2, engine="ray", threads_per_run=1))  # warm workers
