@@ -234,6 +234,33 @@ def test_parallel_records_are_the_serial_records_bit_for_bit(tmp_path):
         assert twin.read_bytes() == path.read_bytes()
 
 
+OWN_RAY = """
+import json, sys
+from test_parallel_sweeps import TOY, toy_execute, toy_sweep
+from winnow.experiments import RunStore
+from winnow.experiments.parallel import Parallel, run_parallel
+root, log = sys.argv[1], sys.argv[2]
+summary = run_parallel(RunStore(root), TOY, toy_sweep(range(4), log=log), toy_execute,
+                       Parallel(workers=2, engine="ray"), progress=False)
+print(json.dumps({"ran": summary.ran, "failed": summary.failed}))
+"""
+
+
+def test_the_ray_winnow_starts_finds_the_drivers_modules(tmp_path):
+    """The run function lives in this test module, importable only from the driver's working
+    directory (no PYTHONPATH): the workers of the Ray instance winnow starts get the driver's
+    module search path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    store, log = tmp_path / "store", tmp_path / "executions.log"
+    out = subprocess.run(
+        [sys.executable, "-c", OWN_RAY, str(store), str(log)],
+        cwd=HERE, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ran": 4, "failed": []}
+    assert len(log.read_text().splitlines()) == 4
+
+
 # -- 2. two drivers at once on one store ----------------------------------------------------------
 DRIVER = """
 import json, sys

@@ -462,11 +462,18 @@ class _Ray:
             if address is not None:
                 ray.init(address=address, **options)
             else:
-                ray.init(
-                    num_cpus=workers * threads,
-                    runtime_env={"env_vars": {"PYTHONPATH": _python_path()}},
-                    **options,
-                )
+                # The module search path reaches the workers through the environment Ray's
+                # processes inherit, not a runtime_env: a runtime_env makes Ray start new
+                # workers for it instead of the ones it starts with (1.5 s more, measured).
+                saved = os.environ.get("PYTHONPATH")
+                os.environ["PYTHONPATH"] = _python_path()
+                try:
+                    ray.init(num_cpus=workers * threads, **options)
+                finally:
+                    if saved is None:
+                        del os.environ["PYTHONPATH"]
+                    else:
+                        os.environ["PYTHONPATH"] = saved
             self.owned = True
         self.task = ray.remote(_run_task).options(
             num_cpus=threads, num_gpus=gpus, max_retries=0, name="winnow-run"
