@@ -200,3 +200,19 @@ def test_semi_structured_2_4_on_cuda():
         model[0].weight.copy_(weight)
     fast = accelerate(model, x, budget=0.05, kernels=["cuda-2:4"], margin=float("inf"))
     assert choices(fast)["0"].kernel == "cuda-2:4"
+
+
+def test_generated_kernels_go_to_a_writable_cache_directory(tmp_path, monkeypatch):
+    import tempfile
+
+    import numba
+
+    from winnow.inference import tiled
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "numba"))
+    assert tiled._directory() == tmp_path / "numba" / "winnow-kernels"
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # its winnow-kernels cannot be made
+    assert str(tiled._directory()).startswith(tempfile.gettempdir())

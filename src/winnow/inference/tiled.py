@@ -41,10 +41,10 @@ WIDTHS = (4, 8, 16)
 narrower tile for the rest (a last single row goes to the batch-1 kernel)."""
 
 UNROLL = 4
+"""Independent accumulator sets: kept weights k, k+1, ... add into different sets."""
 
 BLOCKS = 256
 """Blocks of rows the parallel kernels share among numba's threads (fewer if fewer rows)."""
-"""Independent accumulator sets: kept weights k, k+1, ... add into different sets."""
 
 _ARGUMENTS = {
     "csr": "ptr, cols, vals",
@@ -138,7 +138,8 @@ def _directory() -> Path:
         candidates.append(Path(numba.config.CACHE_DIR))
     xdg = os.environ.get("XDG_CACHE_HOME")
     candidates.append(Path(xdg) if xdg else Path.home() / ".cache")
-    candidates.append(Path(tempfile.gettempdir()) / f"winnow-{os.getuid()}")
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or "user"
+    candidates.append(Path(tempfile.gettempdir()) / f"winnow-{user}")
     for base in candidates:
         directory = base / "winnow-kernels"
         try:
