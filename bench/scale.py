@@ -195,8 +195,8 @@ def main() -> None:
         paired = [a / b for a, b in zip(serial, walls[name], strict=True)]
         each = ", ".join(f"{r:.2f}x" for r in paired)
         medians = statistics.median(serial) / statistics.median(walls[name])
-        log(f"  speedup of 2 workers x 1 thread over 1 x 1 on {engine}: {each} (each repeat, "
-            f"its two ways run back to back); median of those {statistics.median(paired):.2f}x; "
+        log(f"  speedup of 2 workers x 1 thread over 1 x 1 on {engine}: {each} (each repeat: "
+            f"the two ways in the same round); median of those {statistics.median(paired):.2f}x; "
             f"{medians:.2f}x on the median walls")  # fmt: skip
 
     import ray
