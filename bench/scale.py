@@ -4,13 +4,14 @@ and a data-parallel training step.
     python bench/scale.py [--runs 12] [--epochs 1] [--repeat 1]
 
 1. An at-init sweep of ``--runs`` short LeNet-300-100 runs (Fashion-MNIST, ``--epochs`` each,
-   magnitude/SNIP/random at 10/5% and seeds) into a fresh store, four ways in this one run:
-   1 worker × 1 thread (serial, in this process; the reference), 1 worker × 2 threads,
-   2 workers × 1 thread on local processes, and 2 workers × 1 thread on Ray (its start
-   included); ``--repeat`` times, the ways in turn (ABBA order), so that a slow spell of the
-   machine hits every way. Wall times, the speedup of 2 × 1 over 1 × 1 in each repeat and on
-   the median walls, each way's mean training time per run (how much a run slows down when
-   another runs beside it), and the records of every way checked equal to the serial one.
+   magnitude/SNIP/random at 10/5% and seeds) into a fresh store, four ways in this one run,
+   each in a fresh process: 1 worker × 1 thread (serial; the reference), 1 worker × 2
+   threads, 2 workers × 1 thread on local processes, and 2 workers × 1 thread on Ray (its
+   start included); ``--repeat`` times, the ways in turn (ABBA order), so that a slow spell of
+   the machine hits every way. Wall times, the speedup of 2 × 1 over 1 × 1 in each repeat,
+   their median and the ratio of the median walls, each way's mean training time per run (how
+   much a run slows down when another runs beside it), and the records of every repeat of
+   every way checked equal to the serial one.
 2. Ray's overhead per run: with Ray already started, 12 runs of 1 training step each on 2
    workers (Ray's workers and this process warmed by the same runs first); overhead =
    (wall · workers − the same runs' serial wall) / runs: scheduling, the task's start, and
@@ -175,18 +176,18 @@ def main() -> None:
     names = list(ways())
     walls: dict[str, list[float]] = {name: [] for name in names}
     trained: dict[str, list[float]] = {name: [] for name in names}
-    found: dict[str, dict] = {}
+    found: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(args.repeat):  # the ways alternate (ABBA), so a slow spell hits them all
         for name in names if repeat % 2 == 0 else reversed(names):
             seconds, root = sweep_in_fresh_process(name, args.runs, args.epochs)
             walls[name].append(seconds)
-            found[name] = records(root)
+            found[name].append(records(root))
             trained[name] += training_seconds(root)
             log(f"  [{repeat + 1}] {name:<44} {seconds:7.1f} s")
             shutil.rmtree(root, ignore_errors=True)
-    reference = found["1 worker x 1 thread"]
+    reference = found["1 worker x 1 thread"][0]
     for name in names:
-        same = "equal to" if found[name] == reference else "differ from"
+        same = "equal to" if all(f == reference for f in found[name]) else "differ from"
         log(f"  {name:<48} median {statistics.median(walls[name]):6.1f} s; records {same} "
             f"1 x 1's; training {statistics.mean(trained[name]):.2f} s a run (mean)")  # fmt: skip
     serial = walls["1 worker x 1 thread"]
