@@ -6,12 +6,14 @@ and a data-parallel training step.
 1. An at-init sweep of ``--runs`` short LeNet-300-100 runs (Fashion-MNIST, ``--epochs`` each,
    magnitude/SNIP/random at 10/5% and seeds) into a fresh store, four ways in this one run,
    each in a fresh process: 1 worker × 1 thread (serial; the reference), 1 worker × 2
-   threads, 2 workers × 1 thread on local processes, and 2 workers × 1 thread on Ray (its
-   start included); ``--repeat`` times, the ways in turn (ABBA order), so that a slow spell of
-   the machine hits every way. Wall times, the speedup of 2 × 1 over 1 × 1 in each repeat,
-   their median and the ratio of the median walls, each way's mean training time per run (how
-   much a run slows down when another runs beside it), and the records of every repeat of
-   every way checked equal to the serial one.
+   threads, 2 workers × 1 thread on local processes, and 2 workers × 1 thread on Ray (started
+   first and timed apart: the speedup is given with Ray running, as a sweep sent to a cluster
+   finds it, and with its start added, as when a sweep starts its own); ``--repeat`` times,
+   the ways in turn (ABBA order), so that a slow spell of the machine hits every way. Wall
+   times, the speedup of 2 × 1 over 1 × 1 in each repeat, their median and the ratio of the
+   median walls, each way's mean training time per run (how much a run slows down when
+   another runs beside it), the CPU time the host stole during each sweep (Linux), and the
+   records of every repeat of every way checked equal to the serial one.
 2. Ray's overhead per run: with Ray already started, 12 runs of 1 training step each on 2
    workers (Ray's workers and this process warmed by the same runs first); overhead =
    (wall · workers − the same runs' serial wall) / runs: scheduling, the task's start, and
@@ -25,6 +27,7 @@ Writes ``bench/results/scale.txt``. Run it with nothing else running.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import platform
@@ -74,8 +77,7 @@ def ways() -> dict[str, tuple[Parallel | None, int | None]]:
         "1 worker x 1 thread": (None, 1),
         "1 worker x 2 threads": (None, 2),
         "2 workers x 1 thread (processes)": (Parallel(workers=2, threads_per_run=1), None),
-        "2 workers x 1 thread (Ray, start included)": (
-            Parallel(workers=2, engine="ray", threads_per_run=1), None),
+        "2 workers x 1 thread (Ray)": (Parallel(workers=2, engine="ray", threads_per_run=1), None),
     }  # fmt: skip
 
 
@@ -97,23 +99,51 @@ def timed_sweep(
     return seconds, root
 
 
+def start_ray(workers: int) -> float:
+    """Start a local Ray as winnow's ray engine starts one for a sweep (``workers`` CPUs, no
+    dashboard); the seconds it took."""
+    import ray
+
+    started = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.ERROR)  # fmt: skip
+    return time.perf_counter() - started
+
+
 def _one_way(conn, name: str, runs: int, epochs: float) -> None:
     parallel, threads = ways()[name]
+    start = 0.0
+    if parallel is not None and parallel.engine == "ray":  # the sweep finds it running
+        start = start_ray(parallel.workers * parallel.threads_per_run)
     seconds, root = timed_sweep(sweep_configs(runs, epochs), parallel, threads)
-    conn.send((seconds, str(root)))
+    conn.send((seconds, str(root), start))
 
 
-def sweep_in_fresh_process(name: str, runs: int, epochs: float) -> tuple[float, Path]:
+def stolen_seconds() -> float | None:
+    """CPU time the hypervisor gave to others while this machine's CPUs wanted it (the
+    ``steal`` column of ``/proc/stat``, all CPUs, since boot); None where there is no such file.
+    A way that ran while much was stolen ran on a slower machine than the others."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def sweep_in_fresh_process(name: str, runs: int, epochs: float) -> tuple[float, Path, float]:
     """:func:`timed_sweep` of the way ``name`` in a new process, as a user's command runs it:
     what the first run of a process pays (loading the data, torch's lazy imports) is paid by
-    the serial way as by each worker, and no way finds a cache another way filled."""
+    the serial way as by each worker, and no way finds a cache another way filled. The Ray
+    way starts Ray first, timed apart (the third value; 0 for the others): the sweep then
+    finds it running, as a sweep sent to a cluster does, and the sum is what a sweep that
+    starts its own Ray takes."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     process = context.Process(target=_one_way, args=(theirs, name, runs, epochs))
     process.start()
-    seconds, root = ours.recv()
+    seconds, root, start = ours.recv()
     process.join()
-    return seconds, Path(root)
+    return seconds, Path(root), start
 
 
 def _ddp_worker(steps: int, batch: int, out: str) -> None:
@@ -175,15 +205,21 @@ def main() -> None:
         "epoch(s) each; each way in a fresh process")  # fmt: skip
     names = list(ways())
     walls: dict[str, list[float]] = {name: [] for name in names}
+    starts: dict[str, list[float]] = {name: [] for name in names}
     trained: dict[str, list[float]] = {name: [] for name in names}
     found: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(args.repeat):  # the ways alternate (ABBA), so a slow spell hits them all
         for name in names if repeat % 2 == 0 else reversed(names):
-            seconds, root = sweep_in_fresh_process(name, args.runs, args.epochs)
+            before = stolen_seconds()
+            seconds, root, start = sweep_in_fresh_process(name, args.runs, args.epochs)
+            after = stolen_seconds()
+            stolen = "" if before is None else f"  ({after - before:.1f} CPU s stolen by the host)"
             walls[name].append(seconds)
+            starts[name].append(start)
             found[name].append(records(root))
             trained[name] += training_seconds(root)
-            log(f"  [{repeat + 1}] {name:<44} {seconds:7.1f} s")
+            started = f" + {start:.1f} s Ray's start" if start else ""
+            log(f"  [{repeat + 1}] {name:<34} {seconds:7.1f} s{started}{stolen}")
             shutil.rmtree(root, ignore_errors=True)
     reference = found["1 worker x 1 thread"][0]
     for name in names:
@@ -191,11 +227,16 @@ def main() -> None:
         log(f"  {name:<48} median {statistics.median(walls[name]):6.1f} s; records {same} "
             f"1 x 1's; training {statistics.mean(trained[name]):.2f} s a run (mean)")  # fmt: skip
     serial = walls["1 worker x 1 thread"]
-    for engine, name in (("processes", "2 workers x 1 thread (processes)"),
-                         ("Ray", "2 workers x 1 thread (Ray, start included)")):  # fmt: skip
-        paired = [a / b for a, b in zip(serial, walls[name], strict=True)]
+    ray_way = "2 workers x 1 thread (Ray)"
+    with_start = [w + s for w, s in zip(walls[ray_way], starts[ray_way], strict=True)]
+    for engine, parallel_walls in (
+        ("processes", walls["2 workers x 1 thread (processes)"]),
+        ("Ray, already running (as with --ray-address)", walls[ray_way]),
+        ("Ray, its start included (as when the sweep starts it)", with_start),
+    ):
+        paired = [a / b for a, b in zip(serial, parallel_walls, strict=True)]
         each = ", ".join(f"{r:.2f}x" for r in paired)
-        medians = statistics.median(serial) / statistics.median(walls[name])
+        medians = statistics.median(serial) / statistics.median(parallel_walls)
         log(f"  speedup of 2 workers x 1 thread over 1 x 1 on {engine}: {each} (each repeat: "
             f"the two ways in the same round); median of those {statistics.median(paired):.2f}x; "
             f"{medians:.2f}x on the median walls")  # fmt: skip
